@@ -1,0 +1,196 @@
+"""ReplayBuffer: the one place producers (teachers, samplers) and learners meet.
+
+Rows are Arrow (``kd.data.BUFFER_SCHEMA``), kept as one ``pyarrow.Table`` plus two numpy columns of
+bookkeeping (policy version, times handed out), so nothing on the hot path is a per-row Python object.
+
+Semantics:
+- ``capacity``: rows held at most. Room is made by evicting the oldest rows that have already been
+  handed to a learner (FIFO). When every held row is still unconsumed the buffer is full and ``add``
+  waits (backpressure) instead of dropping rows a learner has never seen.
+- ``max_policy_lag``: a row produced by student version k is never handed out once the learner is at
+  a version above k + lag; such rows are removed and counted as ``dropped_stale``. Rows with
+  ``policy_version < 0`` (offline teacher data) never go stale.
+- ``sampling``: ``fifo`` hands out the oldest unconsumed rows, each once; ``uniform`` draws uniformly
+  among all fresh rows, with reuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from kd.data import BUFFER_SCHEMA
+
+
+class BufferCore:
+    """The buffer's state and rules, without Ray: unit-testable and used in-process by the actor."""
+
+    def __init__(self, capacity: int, max_policy_lag: int, sampling: str = "fifo", seed: int = 0):
+        if capacity <= 0:
+            raise ValueError(f"buffer.capacity={capacity}: must be a positive integer")
+        if sampling not in ("fifo", "uniform"):
+            raise ValueError(f"buffer.sampling={sampling!r}: must be 'fifo' or 'uniform'")
+        self.capacity = capacity
+        self.max_policy_lag = max_policy_lag
+        self.sampling = sampling
+        self.rng = np.random.default_rng(seed)
+        self.table = BUFFER_SCHEMA.empty_table()
+        self.versions = np.zeros(0, dtype=np.int64)
+        self.uses = np.zeros(0, dtype=np.int64)
+        self.inserted = self.consumed = self.dropped_stale = self.evicted = 0
+        self._lag_sum = 0  # sum of policy lag over handed-out online rows
+        self._lag_n = 0
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def room(self) -> int:
+        """Rows that can be added now, counting consumed rows that may be evicted."""
+        return self.capacity - int((self.uses == 0).sum())
+
+    def add(self, rows: pa.Table | pa.RecordBatch) -> int:
+        """Insert ``rows`` (must fit: call ``room()`` first); returns the number inserted."""
+        if isinstance(rows, pa.RecordBatch):
+            rows = pa.Table.from_batches([rows])
+        if rows.num_rows == 0:
+            return 0
+        if rows.num_rows > self.room():
+            raise ValueError(f"{rows.num_rows} rows do not fit (room for {self.room()})")
+        rows = rows.select(BUFFER_SCHEMA.names).cast(BUFFER_SCHEMA)
+        overflow = len(self) + rows.num_rows - self.capacity
+        if overflow > 0:
+            self._evict_consumed(overflow)
+        self.table = pa.concat_tables([self.table, rows])
+        if self.table.column(0).num_chunks > 64:
+            self.table = self.table.combine_chunks()
+        self.versions = np.concatenate([self.versions, rows.column("policy_version").to_numpy()])
+        self.uses = np.concatenate([self.uses, np.zeros(rows.num_rows, dtype=np.int64)])
+        self.inserted += rows.num_rows
+        return rows.num_rows
+
+    def _keep(self, mask: np.ndarray) -> None:
+        idx = np.flatnonzero(mask)
+        if len(idx) == len(self):
+            return
+        self.table = self.table.take(pa.array(idx))
+        self.versions = self.versions[idx]
+        self.uses = self.uses[idx]
+
+    def _evict_consumed(self, n: int) -> None:
+        consumed = np.flatnonzero(self.uses > 0)[:n]  # oldest first: rows are in insertion order
+        mask = np.ones(len(self), dtype=bool)
+        mask[consumed] = False
+        self.evicted += len(consumed)
+        self._keep(mask)
+
+    def drop_stale(self, current_version: int) -> int:
+        stale = (self.versions >= 0) & (self.versions < current_version - self.max_policy_lag)
+        n = int(stale.sum())
+        if n:
+            self.dropped_stale += int((stale & (self.uses == 0)).sum())
+            self._keep(~stale)
+        return n
+
+    def available(self, current_version: int) -> int:
+        self.drop_stale(current_version)
+        return int((self.uses == 0).sum()) if self.sampling == "fifo" else len(self)
+
+    def sample(self, n: int, current_version: int) -> pa.Table | None:
+        """``n`` rows for a learner at ``current_version``, or None if not enough fresh rows."""
+        if self.available(current_version) < n:
+            return None
+        if self.sampling == "fifo":
+            idx = np.flatnonzero(self.uses == 0)[:n]
+        else:
+            idx = self.rng.choice(len(self), size=n, replace=False)
+        self.uses[idx] += 1
+        self.consumed += n
+        online = self.versions[idx] >= 0
+        self._lag_sum += int((current_version - self.versions[idx][online]).sum())
+        self._lag_n += int(online.sum())
+        return self.table.take(pa.array(idx))
+
+    def stats(self) -> dict:
+        return {
+            "size": len(self),
+            "capacity": self.capacity,
+            "inserted": self.inserted,
+            "consumed": self.consumed,
+            "dropped_stale": self.dropped_stale,
+            "evicted": self.evicted,
+            "mean_policy_lag": self._lag_sum / self._lag_n if self._lag_n else 0.0,
+            "bytes": self.table.nbytes,
+        }
+
+
+class ReplayBuffer:
+    """The Ray actor around ``BufferCore`` (async: ``add`` and ``sample`` wait without blocking
+    each other). Create with ``ray.remote(ReplayBuffer).options(name="replay-buffer")``."""
+
+    def __init__(self, capacity: int, max_policy_lag: int, sampling: str = "fifo", seed: int = 0):
+        self.core = BufferCore(capacity, max_policy_lag, sampling, seed)
+        self.changed = asyncio.Condition()
+        self.version = 0
+        self.closed = False
+
+    async def add(self, rows: pa.Table, timeout: float | None = None) -> int:
+        """Insert rows, waiting while the buffer is full of unconsumed rows (backpressure)."""
+        n = rows.num_rows
+        if n > self.core.capacity:
+            raise ValueError(f"{n} rows exceed buffer.capacity={self.core.capacity}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        async with self.changed:
+            while self.core.room() < n and not self.closed:
+                self.core.drop_stale(self.version)
+                if self.core.room() >= n:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"buffer full for {timeout}s ({len(self.core)} unconsumed rows)")
+                try:
+                    await asyncio.wait_for(self.changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    continue
+            if self.closed:
+                return 0
+            added = self.core.add(rows)
+            self.changed.notify_all()
+            return added
+
+    async def sample(self, n: int, current_version: int, timeout: float | None = None) -> pa.Table | None:
+        """``n`` fresh rows, waiting up to ``timeout`` seconds for producers; None on timeout/close."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        async with self.changed:
+            self.version = max(self.version, current_version)
+            while True:
+                batch = self.core.sample(n, current_version)
+                if batch is not None or self.closed:
+                    self.changed.notify_all()  # consumed rows make room for waiting producers
+                    return batch
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(self.changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def set_version(self, version: int) -> None:
+        async with self.changed:
+            self.version = max(self.version, version)
+            self.core.drop_stale(self.version)
+            self.changed.notify_all()
+
+    async def close(self) -> None:
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    async def stats(self) -> dict:
+        return self.core.stats()
+
+    async def ready(self) -> bool:
+        return True

@@ -1,0 +1,107 @@
+"""TeacherPool: N teacher replicas (actors ``teacher-<i>``) behind least-loaded dispatch.
+
+A teacher turns a batch of prompts plus the student's responses into preference pairs: it generates
+y_t from the (primed) teacher prompt, scores y_t and y_s (log-prob of each token and its top-k), and
+returns the pairs as one Arrow table in the replay-buffer schema.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import ray
+
+from actors.engines import Generation, SamplingParams, make_engine
+from kd.data import BUFFER_SCHEMA
+
+
+class TeacherWorker:
+    """Ray actor: one teacher engine."""
+
+    def __init__(self, index: int, model_path: str, backend: str, engine_opts: dict, sampling: dict,
+                 top_k: int, score_with: str = "primed"):
+        self.index = index
+        self.engine = make_engine(backend, model_path, **engine_opts)
+        self.params = SamplingParams(**sampling)
+        self.top_k = top_k
+        self.score_with = score_with
+        self.pairs = 0
+        self.busy_s = 0.0
+
+    def ready(self) -> bool:
+        return True
+
+    def make_pairs(self, requests: list[dict], student: list[Generation]) -> pa.Table:
+        """Pairs for ``requests`` (dicts: prompt_id, prompt_ids, teacher_prompt_ids, priming,
+        reference_answer) and the student's generations for them, in the same order."""
+        if len(requests) != len(student):
+            raise ValueError(f"{len(requests)} requests but {len(student)} student generations")
+        t = time.perf_counter()
+        teacher = self.engine.generate([r["teacher_prompt_ids"] for r in requests], self.params)
+        key = "teacher_prompt_ids" if self.score_with == "primed" else "prompt_ids"
+        ctx = [r[key] for r in requests]
+        scores = self.engine.score(ctx + ctx, [g.token_ids for g in teacher] + [g.token_ids for g in student],
+                                   self.top_k)
+        chosen, rejected = scores[: len(requests)], scores[len(requests):]
+        now = time.time()
+        table = pa.Table.from_pydict(
+            {
+                "prompt_id": [r["prompt_id"] for r in requests],
+                "prompt_ids": [r["prompt_ids"] for r in requests],
+                "teacher_prompt_ids": [r["teacher_prompt_ids"] for r in requests],
+                "chosen_ids": [g.token_ids for g in teacher],
+                "rejected_ids": [g.token_ids for g in student],
+                "chosen_teacher_logps": [s.logprobs for s in chosen],
+                "rejected_teacher_logps": [s.logprobs for s in rejected],
+                "chosen_topk_ids": [s.topk_ids or None for s in chosen],
+                "chosen_topk_logps": [s.topk_logprobs or None for s in chosen],
+                "rejected_topk_ids": [s.topk_ids or None for s in rejected],
+                "rejected_topk_logps": [s.topk_logprobs or None for s in rejected],
+                "rejected_behaviour_logps": [g.logprobs for g in student],
+                "policy_version": [g.version for g in student],
+                "priming": [r.get("priming", "none") for r in requests],
+                "created_at": [now] * len(requests),
+                "reference_answer": [r.get("reference_answer") for r in requests],
+            },
+            schema=BUFFER_SCHEMA,
+        )
+        self.pairs += len(requests)
+        self.busy_s += time.perf_counter() - t
+        return table
+
+    def stats(self) -> dict:
+        return {"index": self.index, "pairs": self.pairs, "busy_s": self.busy_s}
+
+
+class TeacherPool:
+    """Driver-side handle on the teacher replicas: dispatches each batch to the replica with the
+    fewest requests in flight."""
+
+    def __init__(self, num_replicas: int, actor_options: dict, **worker_kwargs):
+        remote = ray.remote(TeacherWorker)
+        self.workers = [
+            remote.options(name=f"teacher-{i}", **actor_options).remote(i, **worker_kwargs)
+            for i in range(num_replicas)
+        ]
+        self.in_flight = [0] * num_replicas
+        self._owner: dict[ray.ObjectRef, int] = {}
+
+    def ready_refs(self) -> list:
+        return [w.ready.remote() for w in self.workers]
+
+    def submit(self, requests: list[dict], student_ref) -> ray.ObjectRef:
+        """``student_ref``: the sampler's ObjectRef (Ray resolves it before the teacher runs)."""
+        i = min(range(len(self.workers)), key=self.in_flight.__getitem__)
+        ref = self.workers[i].make_pairs.remote(requests, student_ref)
+        self.in_flight[i] += 1
+        self._owner[ref] = i
+        return ref
+
+    def done(self, ref: ray.ObjectRef) -> None:
+        i = self._owner.pop(ref, None)
+        if i is not None:
+            self.in_flight[i] -= 1
+
+    def stats(self) -> list[dict]:
+        return ray.get([w.stats.remote() for w in self.workers])

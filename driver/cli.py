@@ -1,0 +1,56 @@
+"""The ``raykd`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _train(args) -> int:
+    from driver.config import load_config
+    from driver.online import run_online
+    from driver.prepare import prepare
+
+    cfg = load_config(args.config, args.set)
+    prep = prepare(cfg, args.run_dir)
+    print(f"raykd: run directory {prep.run_dir}", file=sys.stderr)
+    summary = run_online(cfg, prep, progress=not args.no_progress)
+    print(json.dumps({k: summary[k] for k in ("steps", "wall_s", "first_loss", "last_loss",
+                                              "pairs_added", "final_model")}, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raykd", description="Distributed knowledge distillation on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run a distillation job from a YAML config")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="dotted.key=value",
+                   help="override a config value (repeatable)")
+    t.add_argument("--run-dir", default=None, help="where to write the run (default runs/<name>-<time>)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from driver.config import ConfigError
+    from driver.prepare import SetupError
+    from kd.data import DataError
+    from kd.models import ModelSpecError
+    from kd.priming import PrimingError
+    from driver.cluster import ResourceError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelSpecError, PrimingError, SetupError, ResourceError) as e:
+        print(f"raykd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Starting (or joining) the Ray cluster and creating the run's actors with declared resources."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+from actors.engines import resolve_backend
+from driver.config import Config
+
+
+class ResourceError(RuntimeError):
+    pass
+
+
+def engine_opts(ecfg, cfg: Config, max_new_tokens: int) -> dict:
+    return {
+        "dtype": cfg.models.dtype,
+        "num_threads": ecfg.torch_threads,
+        "max_logprobs": max(cfg.teacher.top_k_logprobs, 1),
+        "max_model_len": cfg.data.max_prompt_tokens + max_new_tokens + 8,
+        "seed": cfg.run.seed,
+    }
+
+
+def requested_resources(cfg: Config) -> dict[str, float]:
+    t, s, lr = cfg.teacher, cfg.sampler, cfg.learner
+    return {
+        "CPU": t.num_replicas * t.engine.num_cpus + s.num_replicas * s.engine.num_cpus
+        + lr.num_learners * lr.num_cpus,
+        "GPU": t.num_replicas * t.engine.num_gpus + s.num_replicas * s.engine.num_gpus
+        + lr.num_learners * lr.num_gpus,
+    }
+
+
+def start_ray(cfg: Config) -> bool:
+    """Join ``ray.address`` or start a local cluster; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=False)
+        return True
+    need = requested_resources(cfg)
+    # Logical CPUs may exceed physical cores: actors share cores, each capped by its torch threads.
+    cpus = cfg.ray.num_cpus or max(int(need["CPU"] + 0.999), os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, include_dashboard=cfg.ray.include_dashboard,
+             dashboard_host=cfg.ray.dashboard_host, runtime_env=env, log_to_driver=False,
+             configure_logging=False)
+    return True
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast, before any actor starts, when the cluster cannot hold the configured actors."""
+    need = requested_resources(cfg)
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        detail = "; ".join(f"{k}: requested {v:g}, available {a:g}" for k, (v, a) in short.items())
+        raise ResourceError(f"the cluster cannot place this run ({detail}); lower teacher/sampler "
+                            "replicas, learner.num_learners or their num_cpus/num_gpus")
+
+
+@dataclass
+class RunActors:
+    buffer: object
+    teachers: object  # TeacherPool
+    samplers: list
+    learners: object  # LearnerGroup
+
+
+def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActors:
+    from actors.learner_group import LearnerGroup
+    from actors.replay_buffer import ReplayBuffer
+    from actors.student_sampler import StudentSampler
+    from actors.teacher_pool import TeacherPool
+
+    b, t, s = cfg.buffer, cfg.teacher, cfg.sampler
+    buffer = ray.remote(ReplayBuffer).options(name="replay-buffer", num_cpus=0, max_concurrency=64).remote(
+        b.capacity, b.max_policy_lag, b.sampling, cfg.run.seed)
+    teachers = TeacherPool(
+        t.num_replicas,
+        {"num_cpus": t.engine.num_cpus, "num_gpus": t.engine.num_gpus},
+        model_path=teacher_path,
+        backend=resolve_backend(t.engine.backend),
+        engine_opts=engine_opts(t.engine, cfg, t.max_new_tokens),
+        sampling={"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p},
+        top_k=t.top_k_logprobs,
+        score_with=cfg.priming.score_with,
+    )
+    sampler_cls = ray.remote(StudentSampler)
+    samplers = [
+        sampler_cls.options(name=f"sampler-{i}", num_cpus=s.engine.num_cpus, num_gpus=s.engine.num_gpus).remote(
+            i, student_path, resolve_backend(s.engine.backend), engine_opts(s.engine, cfg, s.max_new_tokens),
+            {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p})
+        for i in range(s.num_replicas)
+    ]
+    learners = LearnerGroup(cfg.learner.num_learners,
+                            {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus},
+                            student_path, cfg.learner, cfg.loss, cfg.run.seed)
+    ray.get([buffer.ready.remote(), *teachers.ready_refs(), *[x.ready.remote() for x in samplers],
+             *learners.ready_refs()])
+    return RunActors(buffer, teachers, samplers, learners)

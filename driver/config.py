@@ -1,0 +1,358 @@
+"""The run configuration: one tree of typed dataclasses, loaded from YAML with ``--set`` overrides.
+
+Defaults live only here. Every field is checked before any actor starts; an error is one line that
+names the dotted field, the bad value and what is allowed (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kd.losses import LOSS_TYPES
+from kd.priming import STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the dotted field."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "raykd"
+    runs_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class ModelsConfig:
+    teacher: str = "smollm2-135m-instruct"  # an HF dir, 'smollm2-135m-instruct' or 'tiny[:L[:SEED]]'
+    student: str | None = None  # an HF dir or spec; None = truncated copy of the teacher
+    student_keep_layers: list[int] | None = None  # layers of the teacher kept in the student
+    cache_dir: str | None = None  # default ~/.cache/raykd (or $RAYKD_CACHE)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic_math"  # 'synthetic_math' or a .jsonl / .parquet file
+    prompt_field: str = "question"
+    answer_field: str | None = "answer"
+    num_prompts: int = 256  # synthetic_math only: how many problems to generate
+    max_prompt_tokens: int = 256
+    on_overlong: Literal["truncate", "skip", "error"] = "skip"
+    system_prompt: str | None = "Solve the math problem step by step, then give the final number."
+    chat_template: bool = True
+
+
+@dataclass
+class PrimingConfig:
+    strategy: str = "none"
+    template: str | None = None  # custom instruction; '{answer}' is filled for answer_hint
+    score_with: Literal["primed", "plain"] = "primed"
+
+
+@dataclass
+class EngineConfig:
+    backend: Literal["auto", "hf", "vllm"] = "hf"
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+
+
+@dataclass
+class TeacherConfig:
+    num_replicas: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k_logprobs: int = 8  # teacher top-k stored per position (for token-level losses)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class SamplerConfig:
+    num_replicas: int = 1
+    prompts_per_request: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_in_flight: int = 2  # producer requests outstanding per sampler (bounds policy lag)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class BufferConfig:
+    capacity: int = 4096
+    max_policy_lag: int = 2
+    sampling: Literal["fifo", "uniform"] = "fifo"
+    min_size_to_train: int = 8
+
+
+@dataclass
+class LearnerConfig:
+    num_learners: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    zero_stage: int = 0
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    max_steps: int = 20
+    deepspeed_config: str | None = None  # a DeepSpeed JSON passed through (overrides the above)
+
+
+@dataclass
+class LossConfig:
+    type: str = "dpkd"
+    beta: float = 0.1
+    lm_coef: float = 0.5  # weight of the LM (SFT) term on the teacher's output
+    label_smoothing: float = 0.0
+    length_normalize: bool = True
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+
+
+@dataclass
+class SyncConfig:
+    every_steps: int = 2
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local cluster
+    num_cpus: int | None = None  # local cluster only; default: enough for the configured actors
+    dashboard_host: str = "127.0.0.1"
+    include_dashboard: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    priming: PrimingConfig = field(default_factory=PrimingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a typed tree from plain data
+# ---------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{path}={value!r}: expected {tp}")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}={value!r}: must be one of {allowed}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}={value!r}: expected a list")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}={value!r}: must be a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r}: expected a string")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {tp}")
+
+
+def _build(cls, data: Any, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}={data!r}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{path}.{f.name}" if path else f.name)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic checks (ranges, names) that types alone cannot express
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(cond: bool, path: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}={value!r}: {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    positive_ints = {
+        "data.num_prompts": cfg.data.num_prompts,
+        "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "teacher.num_replicas": cfg.teacher.num_replicas,
+        "teacher.max_new_tokens": cfg.teacher.max_new_tokens,
+        "sampler.num_replicas": cfg.sampler.num_replicas,
+        "sampler.prompts_per_request": cfg.sampler.prompts_per_request,
+        "sampler.max_new_tokens": cfg.sampler.max_new_tokens,
+        "sampler.max_in_flight": cfg.sampler.max_in_flight,
+        "buffer.capacity": cfg.buffer.capacity,
+        "buffer.min_size_to_train": cfg.buffer.min_size_to_train,
+        "learner.num_learners": cfg.learner.num_learners,
+        "learner.batch_size": cfg.learner.batch_size,
+        "learner.max_steps": cfg.learner.max_steps,
+        "learner.torch_threads": cfg.learner.torch_threads,
+        "sync.every_steps": cfg.sync.every_steps,
+        "teacher.engine.torch_threads": cfg.teacher.engine.torch_threads,
+        "sampler.engine.torch_threads": cfg.sampler.engine.torch_threads,
+    }
+    for path, v in positive_ints.items():
+        _check(v > 0, path, v, "must be a positive integer")
+    non_negative = {
+        "buffer.max_policy_lag": cfg.buffer.max_policy_lag,
+        "learner.warmup_steps": cfg.learner.warmup_steps,
+        "learner.weight_decay": cfg.learner.weight_decay,
+        "learner.num_cpus": cfg.learner.num_cpus,
+        "learner.num_gpus": cfg.learner.num_gpus,
+        "teacher.top_k_logprobs": cfg.teacher.top_k_logprobs,
+        "teacher.engine.num_cpus": cfg.teacher.engine.num_cpus,
+        "sampler.engine.num_cpus": cfg.sampler.engine.num_cpus,
+        "teacher.temperature": cfg.teacher.temperature,
+        "sampler.temperature": cfg.sampler.temperature,
+        "loss.lm_coef": cfg.loss.lm_coef,
+        "learner.grad_clip": cfg.learner.grad_clip,
+    }
+    for path, v in non_negative.items():
+        _check(v >= 0, path, v, "must be >= 0")
+    _check(cfg.learner.lr > 0, "learner.lr", cfg.learner.lr, "must be > 0")
+    _check(cfg.loss.beta > 0, "loss.beta", cfg.loss.beta, "must be > 0")
+    _check(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "must be > 0")
+    _check(0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", cfg.loss.label_smoothing,
+           "must be in [0, 0.5)")
+    _check(0 <= cfg.loss.jsd_beta <= 1, "loss.jsd_beta", cfg.loss.jsd_beta, "must be in [0, 1]")
+    _check(0 <= cfg.loss.skew_alpha < 1, "loss.skew_alpha", cfg.loss.skew_alpha, "must be in [0, 1)")
+    _check(0 < cfg.teacher.top_p <= 1, "teacher.top_p", cfg.teacher.top_p, "must be in (0, 1]")
+    _check(0 < cfg.sampler.top_p <= 1, "sampler.top_p", cfg.sampler.top_p, "must be in (0, 1]")
+    _check(cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", cfg.learner.zero_stage,
+           "must be one of 0, 1, 2, 3")
+    _check(cfg.loss.type in LOSS_TYPES, "loss.type", cfg.loss.type,
+           f"must be one of {', '.join(LOSS_TYPES)}")
+    _check(cfg.priming.strategy in STRATEGIES, "priming.strategy", cfg.priming.strategy,
+           f"must be one of {', '.join(STRATEGIES)}")
+    _check(cfg.buffer.min_size_to_train <= cfg.buffer.capacity, "buffer.min_size_to_train",
+           cfg.buffer.min_size_to_train, f"must be <= buffer.capacity ({cfg.buffer.capacity})")
+    _check(cfg.learner.batch_size <= cfg.buffer.capacity, "learner.batch_size",
+           cfg.learner.batch_size, f"must be <= buffer.capacity ({cfg.buffer.capacity})")
+    _check(cfg.learner.batch_size % cfg.learner.num_learners == 0, "learner.batch_size",
+           cfg.learner.batch_size, f"must be divisible by learner.num_learners ({cfg.learner.num_learners})")
+    if cfg.models.student is None and cfg.models.student_keep_layers is None:
+        raise ConfigError("models.student=None: set models.student or models.student_keep_layers")
+    src = cfg.data.source
+    if src != "synthetic_math":
+        _check(src.endswith((".jsonl", ".json", ".parquet")), "data.source", src,
+               "must be 'synthetic_math' or a .jsonl/.parquet file")
+        _check(Path(src).expanduser().is_file(), "data.source", src, "file does not exist")
+    if cfg.learner.deepspeed_config is not None:
+        _check(Path(cfg.learner.deepspeed_config).is_file(), "learner.deepspeed_config",
+               cfg.learner.deepspeed_config, "file does not exist")
+    if cfg.priming.strategy == "answer_hint":
+        _check(cfg.data.answer_field is not None, "data.answer_field", None,
+               "priming.strategy=answer_hint needs the reference answer field")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise ConfigError(f"--set {item}: '{k}' is not a section")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    return validate(_build(Config, data, ""))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

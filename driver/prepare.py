@@ -1,0 +1,111 @@
+"""Everything a run needs before any actor starts: run directory, model paths, tokenised prompts.
+
+All of it fails fast with one clear line (``SetupError`` and the config/data/model errors), so a typo
+never costs a cluster start.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from driver.config import Config, dump_config
+from kd.data import load_prompts
+from kd.models import resolve_model, truncate_layers
+from kd.priming import prime
+
+
+class SetupError(ValueError):
+    pass
+
+
+@dataclass
+class Prepared:
+    run_dir: Path
+    teacher_path: str
+    student_path: str
+    requests: list[dict]
+    skipped_overlong: int
+    tokenizer: object
+
+
+def make_run_dir(cfg: Config, run_dir: str | None) -> Path:
+    if run_dir is None:
+        run_dir = Path(cfg.run.runs_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, path / "config.yaml")
+    return path
+
+
+def prepare_models(cfg: Config) -> tuple[str, str]:
+    cache = Path(cfg.models.cache_dir).expanduser() if cfg.models.cache_dir else None
+    teacher = resolve_model(cfg.models.teacher, cache)
+    if cfg.models.student is not None:
+        student = resolve_model(cfg.models.student, cache)
+    else:
+        keep = cfg.models.student_keep_layers
+        tag = "-".join(map(str, keep))
+        student = truncate_layers(teacher, keep, teacher.parent / f"{teacher.name}-keep{tag}")
+    check_same_tokenizer(teacher, student)
+    return str(teacher), str(student)
+
+
+def check_same_tokenizer(teacher: Path, student: Path) -> None:
+    """DPKD scores the student's text under the teacher and vice versa: one vocabulary for both."""
+    from transformers import AutoTokenizer
+
+    a, b = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    probe = "Ava has 12 apples; she buys 7 more. #### 19"
+    if len(a) != len(b) or a.encode(probe) != b.encode(probe):
+        raise SetupError(f"models.teacher ({teacher}) and models.student ({student}) use different "
+                         f"tokenizers (vocab {len(a)} vs {len(b)}); raykd needs a shared vocabulary")
+
+
+def encode_chat(tok, system: str | None, user: str, use_template: bool) -> list[int]:
+    if not use_template:
+        return tok.encode(user if system is None else f"{system}\n\n{user}")
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def build_requests(cfg: Config, tok, records) -> tuple[list[dict], int]:
+    """Tokenised student and (primed) teacher prompts; over-long prompts per ``data.on_overlong``."""
+    d, p = cfg.data, cfg.priming
+    requests, skipped = [], 0
+    for i, rec in enumerate(records):
+        student = encode_chat(tok, d.system_prompt, rec.question, d.chat_template)
+        teacher_q = prime(rec.question, p.strategy, rec.answer, p.template)
+        teacher = encode_chat(tok, d.system_prompt, teacher_q, d.chat_template)
+        if max(len(student), len(teacher)) > d.max_prompt_tokens:
+            if d.on_overlong == "error":
+                raise SetupError(f"{d.source}: prompt {rec.prompt_id} has {max(len(student), len(teacher))} "
+                                 f"tokens > data.max_prompt_tokens={d.max_prompt_tokens}")
+            if d.on_overlong == "skip":
+                skipped += 1
+                continue
+            # keep the end: the chat template's assistant header must survive
+            student, teacher = student[-d.max_prompt_tokens:], teacher[-d.max_prompt_tokens:]
+        requests.append({"prompt_id": rec.prompt_id, "prompt_ids": student, "teacher_prompt_ids": teacher,
+                         "priming": p.strategy, "reference_answer": rec.answer})
+    if not requests:
+        raise SetupError(f"{d.source}: every prompt is longer than data.max_prompt_tokens="
+                         f"{d.max_prompt_tokens} ({skipped} skipped)")
+    return requests, skipped
+
+
+def prepare(cfg: Config, run_dir: str | None = None) -> Prepared:
+    records = load_prompts(cfg.data.source, cfg.data.prompt_field, cfg.data.answer_field,
+                           cfg.data.num_prompts, cfg.run.seed)
+    teacher, student = prepare_models(cfg)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(student)
+    requests, skipped = build_requests(cfg, tok, records)
+    path = make_run_dir(cfg, run_dir)
+    with open(path / "data_summary.json", "w") as f:
+        json.dump({"source": cfg.data.source, "rows": len(records), "prompts": len(requests),
+                   "skipped_overlong": skipped}, f, indent=1)
+    return Prepared(path, teacher, student, requests, skipped, tok)

