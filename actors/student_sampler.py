@@ -6,6 +6,7 @@ It reports the policy version it runs on every output, so the buffer can bound p
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from actors.engines import Generation, SamplingParams, make_engine
 
@@ -23,10 +24,9 @@ class StudentSampler:
     def ready(self) -> int:
         return self.engine.version
 
-    def generate(self, requests: list[dict], seed: int | None = None) -> list[Generation]:
+    def generate(self, requests: list[dict], seed: int | None = None, greedy: bool = False) -> list[Generation]:
         t = time.perf_counter()
-        params = self.params if seed is None else SamplingParams(
-            self.params.max_new_tokens, self.params.temperature, self.params.top_p, seed)
+        params = replace(self.params, seed=seed, temperature=0.0 if greedy else self.params.temperature)
         gens = self.engine.generate([r["prompt_ids"] for r in requests], params)
         self.generated += len(gens)
         self.busy_s += time.perf_counter() - t

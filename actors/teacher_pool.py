@@ -23,7 +23,7 @@ class TeacherWorker:
                  top_k: int, score_with: str = "primed"):
         self.index = index
         self.engine = make_engine(backend, model_path, **engine_opts)
-        self.params = SamplingParams(**sampling)
+        self.params = SamplingParams(**sampling, top_k_logprobs=top_k)
         self.top_k = top_k
         self.score_with = score_with
         self.pairs = 0
@@ -41,9 +41,13 @@ class TeacherWorker:
         teacher = self.engine.generate([r["teacher_prompt_ids"] for r in requests], self.params)
         key = "teacher_prompt_ids" if self.score_with == "primed" else "prompt_ids"
         ctx = [r[key] for r in requests]
-        scores = self.engine.score(ctx + ctx, [g.token_ids for g in teacher] + [g.token_ids for g in student],
-                                   self.top_k)
-        chosen, rejected = scores[: len(requests)], scores[len(requests):]
+        if self.score_with == "primed":
+            # y_t was sampled from the primed prompt: its raw log-probs and top-k came with it
+            chosen = teacher
+            rejected = self.engine.score(ctx, [g.token_ids for g in student], self.top_k)
+        else:
+            scores = self.engine.score(ctx + ctx, [g.token_ids for g in teacher + student], self.top_k)
+            chosen, rejected = scores[: len(requests)], scores[len(requests):]
         now = time.time()
         table = pa.Table.from_pydict(
             {

@@ -26,13 +26,18 @@ def engine_opts(ecfg, cfg: Config, max_new_tokens: int) -> dict:
 
 
 def requested_resources(cfg: Config) -> dict[str, float]:
-    t, s, lr = cfg.teacher, cfg.sampler, cfg.learner
-    return {
-        "CPU": t.num_replicas * t.engine.num_cpus + s.num_replicas * s.engine.num_cpus
-        + lr.num_learners * lr.num_cpus,
-        "GPU": t.num_replicas * t.engine.num_gpus + s.num_replicas * s.engine.num_gpus
-        + lr.num_learners * lr.num_gpus,
-    }
+    """Total Ray resources the run's actors declare (CPU, GPU and custom node-type resources)."""
+    need: dict[str, float] = {"CPU": 0.0, "GPU": 0.0}
+    for n, section in ((cfg.teacher.num_replicas, cfg.teacher.engine),
+                       (cfg.sampler.num_replicas, cfg.sampler.engine),
+                       (cfg.learner.num_learners, cfg.learner)):
+        for key, value in _options(section).items():
+            if key == "resources":
+                for name, amount in value.items():
+                    need[name] = need.get(name, 0.0) + n * amount
+            else:
+                need[{"num_cpus": "CPU", "num_gpus": "GPU"}[key]] += n * value
+    return need
 
 
 def start_ray(cfg: Config) -> bool:
@@ -63,12 +68,26 @@ def check_resources(cfg: Config) -> None:
                             "replicas, learner.num_learners or their num_cpus/num_gpus")
 
 
+def _options(section) -> dict:
+    opts = {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus}
+    if section.resources:
+        opts["resources"] = dict(section.resources)
+    return opts
+
+
 @dataclass
 class RunActors:
     buffer: object
     teachers: object  # TeacherPool
     samplers: list
     learners: object  # LearnerGroup
+
+    def all(self) -> list:
+        return [self.buffer, *self.teachers.workers, *self.samplers, *self.learners.learners]
+
+    def shutdown(self) -> None:
+        for actor in self.all():
+            ray.kill(actor, no_restart=True)
 
 
 def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActors:
@@ -82,7 +101,7 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
         b.capacity, b.max_policy_lag, b.sampling, cfg.run.seed)
     teachers = TeacherPool(
         t.num_replicas,
-        {"num_cpus": t.engine.num_cpus, "num_gpus": t.engine.num_gpus},
+        _options(t.engine),
         model_path=teacher_path,
         backend=resolve_backend(t.engine.backend),
         engine_opts=engine_opts(t.engine, cfg, t.max_new_tokens),
@@ -92,13 +111,13 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
     )
     sampler_cls = ray.remote(StudentSampler)
     samplers = [
-        sampler_cls.options(name=f"sampler-{i}", num_cpus=s.engine.num_cpus, num_gpus=s.engine.num_gpus).remote(
+        sampler_cls.options(name=f"sampler-{i}", **_options(s.engine)).remote(
             i, student_path, resolve_backend(s.engine.backend), engine_opts(s.engine, cfg, s.max_new_tokens),
             {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p})
         for i in range(s.num_replicas)
     ]
     learners = LearnerGroup(cfg.learner.num_learners,
-                            {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus},
+                            _options(cfg.learner),
                             student_path, cfg.learner, cfg.loss, cfg.run.seed)
     ray.get([buffer.ready.remote(), *teachers.ready_refs(), *[x.ready.remote() for x in samplers],
              *learners.ready_refs()])

@@ -35,7 +35,9 @@ class RunConfig:
 class ModelsConfig:
     teacher: str = "smollm2-135m-instruct"  # an HF dir, 'smollm2-135m-instruct' or 'tiny[:L[:SEED]]'
     student: str | None = None  # an HF dir or spec; None = truncated copy of the teacher
-    student_keep_layers: list[int] | None = None  # layers of the teacher kept in the student
+    # layers of the teacher kept in the student (used when models.student is None); the default
+    # suits the default teacher's 30 layers
+    student_keep_layers: list[int] | None = field(default_factory=lambda: [0, 7, 14, 21, 29])
     cache_dir: str | None = None  # default ~/.cache/raykd (or $RAYKD_CACHE)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -64,6 +66,7 @@ class EngineConfig:
     backend: Literal["auto", "hf", "vllm"] = "hf"
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources (node types)
     torch_threads: int = 1
 
 
@@ -101,6 +104,7 @@ class LearnerConfig:
     num_learners: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources (node types)
     torch_threads: int = 1
     zero_stage: int = 0
     batch_size: int = 8
@@ -180,6 +184,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             allowed = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{path}={value!r}: must be one of {allowed}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r}: expected a mapping")
+        return {_coerce(k, args[0], path): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}={value!r}: expected a list")
@@ -195,6 +203,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}={value!r}: expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r}: expected a number")
         if not math.isfinite(value):

@@ -45,12 +45,21 @@ class PromptStream:
         return out
 
 
+def _probe(actors, prep: Prepared) -> str:
+    """Sampler 0's greedy answer to the first prompt: shows (and tests) that new weights arrived."""
+    gen = ray.get(actors.samplers[0].generate.remote(prep.requests[:1], greedy=True))[0]
+    return prep.tokenizer.decode(gen.token_ids)
+
+
 def run_online(cfg: Config, prep: Prepared, progress: bool = True) -> dict:
     started_ray = start_ray(cfg)
     try:
         check_resources(cfg)
         actors = create_actors(cfg, prep.teacher_path, prep.student_path)
-        return _loop(cfg, prep, actors, progress)
+        try:
+            return _loop(cfg, prep, actors, progress)
+        finally:
+            actors.shutdown()
     finally:
         if started_ray:
             ray.shutdown()
@@ -66,6 +75,7 @@ def _loop(cfg: Config, prep: Prepared, actors, progress: bool) -> dict:
     in_flight: dict[ray.ObjectRef, tuple[int, ray.ObjectRef]] = {}  # add ref -> (sampler, pair ref)
     per_sampler = [0] * len(actors.samplers)
     version, step, pairs_added, requests_sent = 0, 0, 0, 0
+    probe_before = _probe(actors, prep)
     t0 = time.perf_counter()
     train_ref, step_started = None, t0
     sync_seconds = 0.0
@@ -118,7 +128,11 @@ def _loop(cfg: Config, prep: Prepared, actors, progress: bool) -> dict:
             log.write(row)
             bar.update(row)
     bar.close()
+    if step % cfg.sync.every_steps:  # the samplers end on the final weights too
+        version += 1
+        sync.push(version)
     sync.wait()
+    probe_after = _probe(actors, prep)
     final = prep.run_dir / "final"
     actors.learners.save_hf(str(final), prep.student_path)
     stats = ray.get(actors.buffer.stats.remote())
@@ -135,6 +149,8 @@ def _loop(cfg: Config, prep: Prepared, actors, progress: bool) -> dict:
         "first_loss": log.first.get("loss"),
         "last_loss": log.last.get("loss"),
         "final_model": str(final),
+        "probe": {"prompt": prep.tokenizer.decode(prep.requests[0]["prompt_ids"]),
+                  "before": probe_before, "after": probe_after},
     }
     Path(prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -5,7 +5,9 @@ happen in the driver, once):
 
 - ``generate(prompts, params)``: sample continuations; each comes back with the log-prob of every
   sampled token under the model's *raw* distribution (temperature 1, before top-p), which is what an
-  importance ratio against the learner's log-probs needs.
+  importance ratio against the learner's log-probs needs, and optionally the raw top-k at each
+  position. These equal what ``score`` would return for the same tokens, so a teacher never has to
+  re-score its own output.
 - ``score(prompts, continuations, top_k)``: teacher-forced log-prob of each given continuation token,
   plus the model's top-k (ids, log-probs) at each of those positions, also raw (temperature 1).
 - ``update_weights(weights, version)``: load a new state dict in place; ``version`` is stamped on
@@ -24,6 +26,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k_logprobs: int = 0  # also return the raw top-k (ids, log-probs) at each generated position
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Generation:
     logprobs: list[float]  # raw log-prob of each sampled token; len == len(token_ids)
     finish_reason: str  # "stop" (EOS) or "length"
     version: int
+    topk_ids: list[list[int]] = field(default_factory=list)  # [len, k] when asked for, descending
+    topk_logprobs: list[list[float]] = field(default_factory=list)
 
 
 @dataclass

@@ -65,12 +65,17 @@ class HFEngine(Engine):
         new = out.sequences[:, width:].cpu()
         raw = torch.stack(out.logits, dim=1).float().log_softmax(-1).cpu()  # [B, new, V]
         lps = raw.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        k = params.top_k_logprobs
+        top_v, top_i = raw.topk(k, dim=-1) if k > 0 else (None, None)
         gens = []
         for i in range(len(prompts)):
             toks = new[i].tolist()
             n = toks.index(self.eos_id) + 1 if self.eos_id in toks else len(toks)
             reason = "stop" if self.eos_id in toks[:n] else "length"
-            gens.append(Generation(toks[:n], lps[i, :n].tolist(), reason, self.version))
+            g = Generation(toks[:n], lps[i, :n].tolist(), reason, self.version)
+            if k > 0:
+                g.topk_ids, g.topk_logprobs = top_i[i, :n].tolist(), top_v[i, :n].tolist()
+            gens.append(g)
         return gens
 
     # -- scoring ------------------------------------------------------------------------------
@@ -101,21 +106,24 @@ class HFEngine(Engine):
             yield chunk
 
     def _score_batch(self, prompts, continuations, top_k) -> list[Scores]:
-        seqs = [p + c for p, c in zip(prompts, continuations)]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        # Prompts left-padded to P, continuations right-padded to R: every continuation starts at
+        # column P, so the head runs only on the R positions that predict continuation tokens.
+        P, R = max(len(p) for p in prompts), max(1, max(len(c) for c in continuations))
+        ids = torch.full((len(prompts), P + R), self.pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):  # right padding: positions stay 0..len-1
-            ids[i, : len(s)] = torch.tensor(s)
-            attn[i, : len(s)] = 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
-        out = []
         for i, (p, c) in enumerate(zip(prompts, continuations)):
+            ids[i, P - len(p) : P + len(c)] = torch.tensor(p + c)
+            attn[i, P - len(p) : P + len(c)] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                            position_ids=pos.to(self.device), logits_to_keep=torch.arange(P - 1, P - 1 + R),
+                            use_cache=False).logits
+        out = []
+        for i, c in enumerate(continuations):
             if not c:
                 out.append(Scores([], [], [], self.version))
                 continue
-            # logits at position t predict token t+1
-            lp = logits[i, len(p) - 1 : len(p) + len(c) - 1].float().log_softmax(-1)
+            lp = logits[i, : len(c)].float().log_softmax(-1)
             target = torch.tensor(c, device=lp.device)
             tok_lp = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu().tolist()
             if top_k > 0:

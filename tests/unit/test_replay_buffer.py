@@ -1,0 +1,86 @@
+"""BufferCore semantics: capacity, FIFO eviction of consumed rows, staleness, sampling modes."""
+
+import pyarrow as pa
+import pytest
+
+from actors.replay_buffer import BufferCore
+from kd.data import BUFFER_SCHEMA
+
+
+def rows(n: int, version: int = 0, start: int = 0) -> pa.Table:
+    return pa.Table.from_pydict({
+        "prompt_id": [f"p{start + i}" for i in range(n)],
+        "prompt_ids": [[1, 2]] * n, "teacher_prompt_ids": [[1, 2]] * n,
+        "chosen_ids": [[3]] * n, "rejected_ids": [[4]] * n,
+        "chosen_teacher_logps": [[-0.5]] * n, "rejected_teacher_logps": [[-1.5]] * n,
+        "chosen_topk_ids": [None] * n, "chosen_topk_logps": [None] * n,
+        "rejected_topk_ids": [None] * n, "rejected_topk_logps": [None] * n,
+        "rejected_behaviour_logps": [[-1.0]] * n, "policy_version": [version] * n,
+        "priming": ["none"] * n, "created_at": [0.0] * n, "reference_answer": [None] * n,
+    }, schema=BUFFER_SCHEMA)
+
+
+def ids(table):
+    return table.column("prompt_id").to_pylist()
+
+
+def test_fifo_hands_out_each_row_once_in_order():
+    b = BufferCore(capacity=10, max_policy_lag=5)
+    b.add(rows(6))
+    assert ids(b.sample(4, 0)) == ["p0", "p1", "p2", "p3"]
+    assert b.sample(4, 0) is None  # only 2 unconsumed left
+    assert ids(b.sample(2, 0)) == ["p4", "p5"]
+    assert b.stats()["consumed"] == 6
+
+
+def test_capacity_evicts_oldest_consumed_and_refuses_unconsumed():
+    b = BufferCore(capacity=4, max_policy_lag=5)
+    b.add(rows(4))
+    assert b.room() == 0
+    with pytest.raises(ValueError, match="do not fit"):
+        b.add(rows(1, start=4))
+    b.sample(2, 0)  # p0, p1 consumed -> evictable
+    assert b.room() == 2
+    b.add(rows(2, start=4))
+    assert len(b) == 4 and b.stats()["evicted"] == 2
+    assert ids(b.table) == ["p2", "p3", "p4", "p5"]
+
+
+def test_stale_rows_are_never_handed_out_and_are_counted():
+    b = BufferCore(capacity=10, max_policy_lag=1)
+    b.add(rows(3, version=0))
+    b.add(rows(2, version=2, start=3))
+    assert b.sample(3, current_version=2) is None  # version 0 rows are 2 behind > lag 1
+    s = b.stats()
+    assert s["dropped_stale"] == 3 and s["size"] == 2
+    out = b.sample(2, current_version=2)
+    assert set(out.column("policy_version").to_pylist()) == {2}
+
+
+def test_offline_rows_never_go_stale():
+    b = BufferCore(capacity=10, max_policy_lag=0)
+    b.add(rows(3, version=-1))
+    assert b.sample(3, current_version=100) is not None
+    assert b.stats()["mean_policy_lag"] == 0.0
+
+
+def test_uniform_reuses_rows_and_reports_lag():
+    b = BufferCore(capacity=10, max_policy_lag=3, sampling="uniform", seed=1)
+    b.add(rows(4, version=1))
+    first, second = b.sample(3, 2), b.sample(3, 2)
+    assert first.num_rows == second.num_rows == 3
+    assert b.stats()["mean_policy_lag"] == pytest.approx(1.0)
+    assert b.stats()["consumed"] == 6
+
+
+def test_rows_keep_their_schema():
+    b = BufferCore(capacity=10, max_policy_lag=3)
+    b.add(rows(2))
+    assert b.sample(2, 0).schema.equals(BUFFER_SCHEMA)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="capacity"):
+        BufferCore(capacity=0, max_policy_lag=1)
+    with pytest.raises(ValueError, match="sampling"):
+        BufferCore(capacity=1, max_policy_lag=1, sampling="lifo")
