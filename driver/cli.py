@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -22,6 +23,9 @@ def _train(args) -> int:
     return 0
 
 
+SUBCOMMAND_MODULES = ("driver.offline", "driver.evaluate", "driver.report")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raykd", description="Distributed knowledge distillation on Ray")
     sub = p.add_subparsers(dest="command", required=True)
@@ -32,22 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, help="where to write the run (default runs/<name>-<time>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
+    # Other subcommands live with their code: each module has register(subparsers), which adds a
+    # parser whose `func(args) -> int` runs it. Imports stay light (no ray/torch at parse time).
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from driver.config import ConfigError
-    from driver.prepare import SetupError
-    from kd.data import DataError
-    from kd.models import ModelSpecError
-    from kd.priming import PrimingError
-    from driver.cluster import ResourceError
+    from kd.errors import UserInputError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelSpecError, PrimingError, SetupError, ResourceError) as e:
+    except UserInputError as e:
         print(f"raykd: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,9 +9,10 @@ import ray
 
 from actors.engines import resolve_backend
 from driver.config import Config
+from kd.errors import UserInputError
 
 
-class ResourceError(RuntimeError):
+class ResourceError(UserInputError):
     pass
 
 

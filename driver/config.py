@@ -16,11 +16,13 @@ from typing import Any, Literal
 
 import yaml
 
+from kd.errors import UserInputError
+
 from kd.losses import LOSS_TYPES
 from kd.priming import STRATEGIES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A bad configuration value; the message is one line naming the dotted field."""
 
 
@@ -100,6 +102,14 @@ class BufferConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class LearnerConfig:
     num_learners: int = 1
     num_cpus: float = 1.0
@@ -113,6 +123,10 @@ class LearnerConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     max_steps: int = 20
+    grad_accum_steps: int = 1
+    bf16: Literal["auto", "on", "off"] = "auto"  # auto: on where the device supports it (GPU)
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    lora: LoraConfig | None = None  # LoRA through peft; samplers receive merged weights
     deepspeed_config: str | None = None  # a DeepSpeed JSON passed through (overrides the above)
 
 
@@ -131,6 +145,24 @@ class LossConfig:
 @dataclass
 class SyncConfig:
     every_steps: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end of the run
+    keep_last: int = 2
+    export_hf: bool = True  # also write the student in Hugging Face format with each checkpoint
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: no periodic evaluation during training
+    source: str = "synthetic_math"  # held-out prompts: 'synthetic_math' (its own seed) or a file
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    limit: int = 32
+    max_new_tokens: int = 128
+    seeds: list[int] = field(default_factory=list)  # empty: greedy; else sample once per seed
 
 
 @dataclass
@@ -153,6 +185,8 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:
@@ -265,6 +299,10 @@ def validate(cfg: Config) -> Config:
         "learner.max_steps": cfg.learner.max_steps,
         "learner.torch_threads": cfg.learner.torch_threads,
         "sync.every_steps": cfg.sync.every_steps,
+        "learner.grad_accum_steps": cfg.learner.grad_accum_steps,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "eval.limit": cfg.eval.limit,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens,
         "teacher.engine.torch_threads": cfg.teacher.engine.torch_threads,
         "sampler.engine.torch_threads": cfg.sampler.engine.torch_threads,
     }
@@ -283,6 +321,8 @@ def validate(cfg: Config) -> Config:
         "sampler.temperature": cfg.sampler.temperature,
         "loss.lm_coef": cfg.loss.lm_coef,
         "learner.grad_clip": cfg.learner.grad_clip,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "eval.every_steps": cfg.eval.every_steps,
     }
     for path, v in non_negative.items():
         _check(v >= 0, path, v, "must be >= 0")
@@ -314,6 +354,13 @@ def validate(cfg: Config) -> Config:
         _check(src.endswith((".jsonl", ".json", ".parquet")), "data.source", src,
                "must be 'synthetic_math' or a .jsonl/.parquet file")
         _check(Path(src).expanduser().is_file(), "data.source", src, "file does not exist")
+    if cfg.learner.lora is not None:
+        _check(cfg.learner.lora.r > 0, "learner.lora.r", cfg.learner.lora.r, "must be a positive integer")
+        _check(bool(cfg.learner.lora.target_modules), "learner.lora.target_modules",
+               cfg.learner.lora.target_modules, "must name at least one module")
+    if cfg.eval.source != "synthetic_math":
+        _check(Path(cfg.eval.source).expanduser().is_file(), "eval.source", cfg.eval.source,
+               "file does not exist")
     if cfg.learner.deepspeed_config is not None:
         _check(Path(cfg.learner.deepspeed_config).is_file(), "learner.deepspeed_config",
                cfg.learner.deepspeed_config, "file does not exist")

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from driver.config import Config, dump_config
 from kd.data import load_prompts
+from kd.errors import UserInputError
 from kd.models import resolve_model, truncate_layers
 from kd.priming import prime
 
 
-class SetupError(ValueError):
+class SetupError(UserInputError):
     pass
 
 

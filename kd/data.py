@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from kd.errors import UserInputError
 
-class DataError(ValueError):
+
+class DataError(UserInputError):
     """Bad input data; the message names the file, the row (1-based) and the field."""
 
 

@@ -20,6 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kd.errors import UserInputError
+
 EMBEDDED_TEACHER = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -31,7 +33,7 @@ CHATML_TEMPLATE = (
 )
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserInputError):
     pass
 
 

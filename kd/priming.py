@@ -10,6 +10,8 @@ A priming instruction is appended to the user message, so the chat template stay
 
 from __future__ import annotations
 
+from kd.errors import UserInputError
+
 STRATEGIES = ("none", "teacher", "ground_truth", "confidence", "cot", "answer_hint")
 
 TEMPLATES = {
@@ -31,7 +33,7 @@ TEMPLATES = {
 }
 
 
-class PrimingError(ValueError):
+class PrimingError(UserInputError):
     pass
 
 
