@@ -12,15 +12,21 @@ Semantics:
   ``policy_version < 0`` (offline teacher data) never go stale.
 - ``sampling``: ``fifo`` hands out the oldest unconsumed rows, each once; ``uniform`` draws uniformly
   among all fresh rows, with reuse.
+- ``save`` / ``load``: one Parquet file with the rows, their use counts and the counters, so a run
+  resumes with its buffer exactly as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from kd.data import BUFFER_SCHEMA
 
@@ -113,6 +119,43 @@ class BufferCore:
         self._lag_n += int(online.sum())
         return self.table.take(pa.array(idx))
 
+    # -- persistence ----------------------------------------------------------------------------
+
+    _COUNTERS = ("inserted", "consumed", "dropped_stale", "evicted", "_lag_sum", "_lag_n")
+
+    def save(self, path: str | Path) -> int:
+        """Write rows, their use counts and the counters to one Parquet file, atomically (a crash
+        mid-write leaves the previous file intact). Returns the number of rows written."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = self.table.append_column("_uses", pa.array(self.uses, pa.int64()))
+        meta = {"capacity": self.capacity, "max_policy_lag": self.max_policy_lag, "sampling": self.sampling,
+                **{k: getattr(self, k) for k in self._COUNTERS}}
+        table = table.replace_schema_metadata({b"raykd_buffer": json.dumps(meta).encode()})
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return table.num_rows
+
+    def load(self, path: str | Path) -> int:
+        """Replace the contents with a file written by ``save``; returns the number of rows."""
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {}).get(b"raykd_buffer", b"{}"))
+        if "_uses" not in table.column_names or not meta:
+            raise ValueError(f"{path}: not a raykd replay-buffer file")
+        self.uses = table.column("_uses").to_numpy().astype(np.int64)
+        self.table = table.drop_columns(["_uses"]).replace_schema_metadata(None).cast(BUFFER_SCHEMA)
+        self.versions = self.table.column("policy_version").to_numpy().astype(np.int64)
+        for k in self._COUNTERS:
+            setattr(self, k, meta.get(k, 0))
+        return self.table.num_rows
+
+    def clear(self) -> int:
+        """Drop every row (at a phase change); counters stay. Returns the rows dropped."""
+        n = len(self)
+        self._keep(np.zeros(n, dtype=bool))
+        return n
+
     def stats(self) -> dict:
         return {
             "size": len(self),
@@ -191,6 +234,22 @@ class ReplayBuffer:
 
     async def stats(self) -> dict:
         return self.core.stats()
+
+    async def save(self, path: str) -> int:
+        async with self.changed:
+            return self.core.save(path)
+
+    async def load(self, path: str) -> int:
+        async with self.changed:
+            n = self.core.load(path)
+            self.changed.notify_all()
+            return n
+
+    async def clear(self) -> int:
+        async with self.changed:
+            n = self.core.clear()
+            self.changed.notify_all()
+            return n
 
     async def ready(self) -> bool:
         return True
