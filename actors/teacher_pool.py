@@ -32,45 +32,49 @@ class TeacherWorker:
     def ready(self) -> bool:
         return True
 
-    def make_pairs(self, requests: list[dict], student: list[Generation]) -> pa.Table:
-        """Pairs for ``requests`` (dicts: prompt_id, prompt_ids, teacher_prompt_ids, priming,
-        reference_answer) and the student's generations for them, in the same order."""
-        if len(requests) != len(student):
+    def make_pairs(self, requests: list[dict], student: list[Generation] | None) -> pa.Table:
+        """Rows for ``requests`` (dicts: prompt_id, prompt_ids, teacher_prompt_ids, priming,
+        reference_answer). With the student's generations (same order) these are preference pairs;
+        with ``student=None`` they are offline teacher rows (no y_s, ``policy_version`` -1)."""
+        if student is not None and len(requests) != len(student):
             raise ValueError(f"{len(requests)} requests but {len(student)} student generations")
         t = time.perf_counter()
         teacher = self.engine.generate([r["teacher_prompt_ids"] for r in requests], self.params)
         key = "teacher_prompt_ids" if self.score_with == "primed" else "prompt_ids"
         ctx = [r[key] for r in requests]
+        student_ids = [g.token_ids for g in student] if student is not None else []
         if self.score_with == "primed":
             # y_t was sampled from the primed prompt: its raw log-probs and top-k came with it
             chosen = teacher
-            rejected = self.engine.score(ctx, [g.token_ids for g in student], self.top_k)
+            rejected = self.engine.score(ctx, student_ids, self.top_k) if student is not None else []
         else:
-            scores = self.engine.score(ctx + ctx, [g.token_ids for g in teacher + student], self.top_k)
+            both = [g.token_ids for g in teacher] + student_ids
+            scores = self.engine.score((ctx + ctx)[: len(both)], both, self.top_k)
             chosen, rejected = scores[: len(requests)], scores[len(requests):]
-        now = time.time()
+        n = len(requests)
+        empty = [[]] * n
         table = pa.Table.from_pydict(
             {
                 "prompt_id": [r["prompt_id"] for r in requests],
                 "prompt_ids": [r["prompt_ids"] for r in requests],
                 "teacher_prompt_ids": [r["teacher_prompt_ids"] for r in requests],
                 "chosen_ids": [g.token_ids for g in teacher],
-                "rejected_ids": [g.token_ids for g in student],
+                "rejected_ids": student_ids or empty,
                 "chosen_teacher_logps": [s.logprobs for s in chosen],
-                "rejected_teacher_logps": [s.logprobs for s in rejected],
+                "rejected_teacher_logps": [s.logprobs for s in rejected] or empty,
                 "chosen_topk_ids": [s.topk_ids or None for s in chosen],
                 "chosen_topk_logps": [s.topk_logprobs or None for s in chosen],
-                "rejected_topk_ids": [s.topk_ids or None for s in rejected],
-                "rejected_topk_logps": [s.topk_logprobs or None for s in rejected],
-                "rejected_behaviour_logps": [g.logprobs for g in student],
-                "policy_version": [g.version for g in student],
+                "rejected_topk_ids": [s.topk_ids or None for s in rejected] or [None] * n,
+                "rejected_topk_logps": [s.topk_logprobs or None for s in rejected] or [None] * n,
+                "rejected_behaviour_logps": [g.logprobs for g in student] if student is not None else [None] * n,
+                "policy_version": [g.version for g in student] if student is not None else [-1] * n,
                 "priming": [r.get("priming", "none") for r in requests],
-                "created_at": [now] * len(requests),
+                "created_at": [time.time()] * n,
                 "reference_answer": [r.get("reference_answer") for r in requests],
             },
             schema=BUFFER_SCHEMA,
         )
-        self.pairs += len(requests)
+        self.pairs += n
         self.busy_s += time.perf_counter() - t
         return table
 

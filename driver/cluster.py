@@ -60,7 +60,10 @@ def start_ray(cfg: Config) -> bool:
 
 def check_resources(cfg: Config) -> None:
     """Fail fast, before any actor starts, when the cluster cannot hold the configured actors."""
-    need = requested_resources(cfg)
+    check_resources_for(requested_resources(cfg))
+
+
+def check_resources_for(need: dict[str, float]) -> None:
     have = ray.cluster_resources()
     short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
     if short:
