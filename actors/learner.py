@@ -79,7 +79,7 @@ class Learner:
         pairs, c, r = (int(x) for x in local.tolist())
         return pairs, {"chosen": c, "rejected": r}
 
-    def train_step(self, table) -> dict:
+    def train_step(self, table, loss_cfg=None) -> dict:
         """One optimiser step on this rank's share of ``table`` (rows ``rank::world_size``)."""
         from kd.objective import compute_loss
 
@@ -88,7 +88,7 @@ class Learner:
             table = table.take(list(range(self.rank, table.num_rows, self.world_size)))
         pairs, tokens = self._global_counts(table)
         self.engine.train()
-        loss, metrics = compute_loss(self.engine, table, self.loss_cfg, self.pad_id, pairs, tokens,
+        loss, metrics = compute_loss(self.engine, table, loss_cfg or self.loss_cfg, self.pad_id, pairs, tokens,
                                      self.world_size)
         self.engine.backward(loss)
         self.engine.step()

@@ -35,9 +35,10 @@ class LearnerGroup:
     def ready_refs(self) -> list:
         return [a.ready.remote() for a in self.learners]
 
-    def train_step(self, batch_ref) -> ray.ObjectRef:
-        """Start one step on every rank; returns rank 0's metrics ref (all ranks step together)."""
-        refs = [a.train_step.remote(batch_ref) for a in self.learners]
+    def train_step(self, batch_ref, loss_cfg=None) -> ray.ObjectRef:
+        """Start one step on every rank; returns rank 0's metrics ref (all ranks step together).
+        ``loss_cfg`` overrides the group's loss for this step (a phase's own loss)."""
+        refs = [a.train_step.remote(batch_ref, loss_cfg) for a in self.learners]
         return refs[0]
 
     def weights_ref(self) -> ray.ObjectRef:
