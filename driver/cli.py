@@ -14,10 +14,20 @@ def _train(args) -> int:
     from driver.online import run_online
     from driver.prepare import prepare
 
+    from driver.online import latest_checkpoint
+    from driver.prepare import SetupError
+
     cfg = load_config(args.config, args.set)
-    prep = prepare(cfg, args.run_dir)
+    if args.resume:
+        from pathlib import Path
+
+        if args.run_dir and Path(args.run_dir) != Path(args.resume):
+            raise SetupError("--resume RUN_DIR continues that run in place; do not also give --run-dir")
+        if latest_checkpoint(Path(args.resume)) is None:
+            raise SetupError(f"--resume {args.resume}: no checkpoint under {args.resume}/checkpoints")
+    prep = prepare(cfg, args.resume or args.run_dir)
     print(f"raykd: run directory {prep.run_dir}", file=sys.stderr)
-    summary = run_online(cfg, prep, progress=not args.no_progress)
+    summary = run_online(cfg, prep, progress=not args.no_progress, resume=bool(args.resume))
     print(json.dumps({k: summary[k] for k in ("steps", "wall_s", "first_loss", "last_loss",
                                               "pairs_added", "final_model")}, indent=1))
     return 0
@@ -34,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="dotted.key=value",
                    help="override a config value (repeatable)")
     t.add_argument("--run-dir", default=None, help="where to write the run (default runs/<name>-<time>)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
     # Other subcommands live with their code: each module has register(subparsers), which adds a

@@ -143,6 +143,16 @@ class LossConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One phase of a run's schedule: e.g. offline SeqKD for 200 steps, then online DPKD for 500."""
+
+    kind: Literal["online", "offline"] = "online"
+    steps: int = 0
+    data: str | None = None  # offline: a dataset directory written by `raykd generate`
+    loss: LossConfig | None = None  # this phase's loss (default: the top-level `loss`)
+
+
+@dataclass
 class SyncConfig:
     every_steps: int = 2
 
@@ -185,12 +195,21 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    schedule: list[PhaseConfig] = field(default_factory=list)  # empty: online for learner.max_steps
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def phases(self) -> list[PhaseConfig]:
+        """The schedule with every phase's loss filled in."""
+        phases = self.schedule or [PhaseConfig(kind="online", steps=self.learner.max_steps)]
+        return [dataclasses.replace(p, loss=p.loss or self.loss) for p in phases]
+
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +373,19 @@ def validate(cfg: Config) -> Config:
         _check(src.endswith((".jsonl", ".json", ".parquet")), "data.source", src,
                "must be 'synthetic_math' or a .jsonl/.parquet file")
         _check(Path(src).expanduser().is_file(), "data.source", src, "file does not exist")
+    for i, ph in enumerate(cfg.schedule):
+        where = f"schedule[{i}]"
+        _check(ph.steps > 0, f"{where}.steps", ph.steps, "must be a positive integer")
+        loss = ph.loss or cfg.loss
+        _check(loss.type in LOSS_TYPES, f"{where}.loss.type", loss.type, f"must be one of {', '.join(LOSS_TYPES)}")
+        if ph.kind == "offline":
+            _check(ph.data is not None and (Path(ph.data).expanduser() / "manifest.json").is_file(),
+                   f"{where}.data", ph.data, "must be a dataset directory written by `raykd generate`")
+            _check(loss.type not in ("dpkd", "pg_rkl"), f"{where}.loss.type", loss.type,
+                   "needs the student's responses, which offline data has none of (use sft, fkl, ... "
+                   "or an online phase)")
+        else:
+            _check(ph.data is None, f"{where}.data", ph.data, "online phases sample their own data")
     if cfg.learner.lora is not None:
         _check(cfg.learner.lora.r > 0, "learner.lora.r", cfg.learner.lora.r, "must be a positive integer")
         _check(bool(cfg.learner.lora.target_modules), "learner.lora.target_modules",

@@ -1,48 +1,125 @@
-"""The online loop: producers and the learner run at the same time and meet only in the buffer.
+"""The training loop: a schedule of offline and online phases; producers and learner run at once.
 
-Producer chain, per request of ``sampler.prompts_per_request`` prompts (all ObjectRefs, nothing waits
-in the driver):  sampler.generate -> teacher.make_pairs -> buffer.add.
+Online producer chain, per request of ``sampler.prompts_per_request`` prompts (ObjectRefs only,
+nothing waits in the driver):  sampler.generate -> teacher.make_pairs -> buffer.add.
+Offline producer: slices of a ``raykd generate`` dataset -> buffer.add.
 Learner chain, per step:  buffer.sample -> learner.train_step; every ``sync.every_steps`` steps the
 learner's weights go to every sampler and the policy version goes up.
 
-The driver only keeps both chains full and records what comes back.
+Checkpoints (``checkpoint.every_steps`` and at the end) drain the producers first, so the buffer,
+the prompt position and the learner state in a checkpoint agree exactly: a resumed run consumes no
+prompt twice and loses none.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 
 import ray
 
 from driver.cluster import check_resources, create_actors, start_ray
-from driver.config import Config
+from driver.config import Config, PhaseConfig
 from driver.monitoring import MetricsLog, ProgressBar
 from driver.prepare import Prepared
 
 
 class PromptStream:
-    """Cycles through the prompts, reshuffled each epoch (seeded); counts what it handed out."""
+    """Cycles through the prompts; epoch e visits them in an order fixed by (seed, e)."""
 
-    def __init__(self, requests: list[dict], seed: int):
-        self.requests = requests
-        self.rng = random.Random(seed)
-        self.order: list[int] = []
-        self.taken = 0
-        self.epoch = -1
+    def __init__(self, requests: list[dict], seed: int, epoch: int = 0, pos: int = 0):
+        self.requests, self.seed = requests, seed
+        self.epoch, self.pos = epoch, pos
+        self._order = self._order_for(epoch)
 
-    def take(self, n: int) -> list[dict]:
-        out = []
+    def _order_for(self, epoch: int) -> list[int]:
+        order = list(range(len(self.requests)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> tuple[int, list[dict]]:
+        """(epoch of the first prompt, n prompts); an epoch boundary may fall inside a batch."""
+        epoch, out = self.epoch, []
         while len(out) < n:
-            if not self.order:
-                self.epoch += 1
-                self.order = list(range(len(self.requests)))
-                self.rng.shuffle(self.order)
-            out.append(self.requests[self.order.pop()])
-        self.taken += n
-        return out
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._order_for(self.epoch)
+            out.append(self.requests[self._order[self.pos]])
+            self.pos += 1
+        return epoch, out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+class OnlineProducer:
+    """Keeps every sampler's request chain full; logs each request's prompts once added."""
+
+    def __init__(self, cfg: Config, actors, stream: PromptStream, consumed: Path):
+        self.cfg, self.actors, self.stream, self.consumed = cfg, actors, stream, consumed
+        self.in_flight: dict = {}  # add ref -> (sampler index, pair ref, epoch, prompt ids)
+        self.per_sampler = [0] * len(actors.samplers)
+        self.sent = 0
+
+    def top_up(self, version: int) -> None:
+        for i, sampler in enumerate(self.actors.samplers):
+            while self.per_sampler[i] < self.cfg.sampler.max_in_flight:
+                epoch, reqs = self.stream.take(self.cfg.sampler.prompts_per_request)
+                gen = sampler.generate.remote(reqs, seed=self.cfg.run.seed * 1_000_003 + self.sent)
+                pair = self.actors.teachers.submit(reqs, gen)
+                ids = [r["prompt_id"] for r in reqs]
+                self.in_flight[self.actors.buffer.add.remote(pair)] = (i, pair, epoch, ids)
+                self.per_sampler[i] += 1
+                self.sent += 1
+
+    def pending(self) -> list:
+        return list(self.in_flight)
+
+    def complete(self, ref) -> int:
+        i, pair, epoch, ids = self.in_flight.pop(ref)
+        added = ray.get(ref)  # raises the producer's error, if any
+        self.actors.teachers.done(pair)
+        self.per_sampler[i] -= 1
+        with open(self.consumed, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "prompt_ids": ids}) + "\n")
+        return added
+
+    def state(self) -> dict:
+        assert not self.in_flight, "drain before saving producer state"
+        return {"stream": self.stream.state()}
+
+
+class OfflineProducer:
+    """Feeds a generated dataset into the buffer in slices, cycling over it."""
+
+    def __init__(self, cfg: Config, buffer, table, epoch: int = 0, pos: int = 0):
+        self.buffer, self.table = buffer, table
+        self.chunk = cfg.sampler.prompts_per_request
+        self.epoch, self.pos = epoch, pos
+        self.in_flight: dict = {}
+
+    def top_up(self, version: int) -> None:
+        while len(self.in_flight) < 2:
+            if self.pos >= self.table.num_rows:
+                self.epoch, self.pos = self.epoch + 1, 0
+            rows = self.table.slice(self.pos, self.chunk)
+            self.pos += rows.num_rows
+            self.in_flight[self.buffer.add.remote(rows)] = rows.num_rows
+
+    def pending(self) -> list:
+        return list(self.in_flight)
+
+    def complete(self, ref) -> int:
+        self.in_flight.pop(ref)
+        return ray.get(ref)
+
+    def state(self) -> dict:
+        assert not self.in_flight, "drain before saving producer state"
+        return {"epoch": self.epoch, "pos": self.pos}
 
 
 def _probe(actors, prep: Prepared) -> str:
@@ -51,106 +128,204 @@ def _probe(actors, prep: Prepared) -> str:
     return prep.tokenizer.decode(gen.token_ids)
 
 
-def run_online(cfg: Config, prep: Prepared, progress: bool = True) -> dict:
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    return ckpts[-1] if ckpts else None
+
+
+class Trainer:
+    """The driver's state for one run: which phase and step, which policy version, what was added."""
+
+    def __init__(self, cfg: Config, prep: Prepared, actors, progress: bool):
+        from actors.weight_sync import WeightSync
+
+        self.cfg, self.prep, self.actors = cfg, prep, actors
+        self.run_dir = prep.run_dir
+        self.phases: list[PhaseConfig] = cfg.phases()
+        self.sync = WeightSync(actors.learners, actors.samplers)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.consumed = self.run_dir / "consumed.jsonl"
+        self.progress = progress
+        self.step = self.version = self.phase_index = self.phase_step = self.pairs_added = 0
+        self.producer_state: dict = {}
+        self.elapsed_before = 0.0
+        self.sync_seconds = 0.0
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self, producer) -> Path:
+        for ref in producer.pending():  # drain: everything taken is in the buffer
+            self.pairs_added += producer.complete(ref)
+        root = self.run_dir / "checkpoints"
+        final = root / f"step-{self.step:06d}"
+        tmp = root / f".tmp-step-{self.step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.actors.learners.save_checkpoint(str(tmp / "learner"))
+        ray.get(self.actors.buffer.save.remote(str(tmp / "buffer.parquet")))
+        if self.cfg.checkpoint.export_hf:
+            self.actors.learners.save_hf(str(tmp / "hf"), self.prep.student_path)
+        state = {"step": self.step, "version": self.version, "phase_index": self.phase_index,
+                 "phase_step": self.phase_step, "pairs_added": self.pairs_added,
+                 "producer": producer.state(), "elapsed_s": self._elapsed(),
+                 "metrics_rows": self.step, "consumed_lines": _count_lines(self.consumed)}
+        (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # a crash before this line leaves the previous checkpoint intact
+        for old in sorted(root.glob("step-*"))[: -self.cfg.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def restore(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / "driver_state.json").read_text())
+        self.actors.learners.load_checkpoint(str(ckpt / "learner"))
+        ray.get(self.actors.buffer.load.remote(str(ckpt / "buffer.parquet")))
+        for key in ("step", "version", "phase_index", "phase_step", "pairs_added"):
+            setattr(self, key, state[key])
+        self.producer_state, self.elapsed_before = state["producer"], state["elapsed_s"]
+        _truncate_lines(self.log.path, state["metrics_rows"])
+        _truncate_lines(self.consumed, state["consumed_lines"])
+        if self.version > 0:  # samplers start from the initial student: give them the current weights
+            self.sync.push(self.version)
+            self.sync.wait()
+        ray.get(self.actors.buffer.set_version.remote(self.version))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def _producer(self, phase: PhaseConfig):
+        st = self.producer_state
+        if phase.kind == "offline":
+            from driver.offline import read_dataset
+
+            return OfflineProducer(self.cfg, self.actors.buffer, read_dataset(phase.data),
+                                   st.get("epoch", 0), st.get("pos", 0))
+        s = st.get("stream", {})
+        stream = PromptStream(self.prep.requests, self.cfg.run.seed, s.get("epoch", 0), s.get("pos", 0))
+        return OnlineProducer(self.cfg, self.actors, stream, self.consumed)
+
+    def run(self) -> dict:
+        self.t0 = time.perf_counter()
+        probe_before = _probe(self.actors, self.prep)
+        bar = ProgressBar(self.cfg.total_steps() - self.step, enabled=self.progress)
+        every = self.cfg.checkpoint.every_steps
+        while self.phase_index < len(self.phases):
+            phase = self.phases[self.phase_index]
+            producer = self._producer(phase)
+            while self.phase_step < phase.steps:
+                self._train_step(producer, phase, bar)
+                if every and self.step % every == 0:
+                    self.save_checkpoint(producer)
+            for ref in producer.pending():
+                self.pairs_added += producer.complete(ref)
+            self.phase_index, self.phase_step, self.producer_state = self.phase_index + 1, 0, {}
+            if self.phase_index < len(self.phases):
+                ray.get(self.actors.buffer.clear.remote())  # rows of one phase's kind never leak into the next
+        bar.close()
+        if self.step % self.cfg.sync.every_steps:  # the samplers end on the final weights too
+            self.version += 1
+            self.sync.push(self.version)
+        self.sync_seconds = self.sync.wait() or self.sync_seconds
+        probe_after = _probe(self.actors, self.prep)
+        if not (every and self.step % every == 0):
+            self.save_checkpoint(_Drained())
+        final = self.run_dir / "final"
+        self.actors.learners.save_hf(str(final), self.prep.student_path)
+        stats = ray.get(self.actors.buffer.stats.remote())
+        summary = {
+            "steps": self.step, "policy_version": self.version, "wall_s": self._elapsed(),
+            "pairs_added": self.pairs_added, "buffer": stats,
+            "sampler_versions": ray.get([s.version.remote() for s in self.actors.samplers]),
+            "teachers": self.actors.teachers.stats(),
+            "samplers": ray.get([s.stats.remote() for s in self.actors.samplers]),
+            "first_loss": self.log.first.get("loss"), "last_loss": self.log.last.get("loss"),
+            "final_model": str(final),
+            "probe": {"prompt": self.prep.tokenizer.decode(self.prep.requests[0]["prompt_ids"]),
+                      "before": probe_before, "after": probe_after},
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _train_step(self, producer, phase: PhaseConfig, bar) -> None:
+        cfg, actors = self.cfg, self.actors
+        batch = actors.buffer.sample.remote(cfg.learner.batch_size, self.version)
+        train_ref, started, sampled_at = actors.learners.train_step(batch, phase.loss), time.perf_counter(), self.version
+        while True:
+            producer.top_up(self.version)
+            done, _ = ray.wait([train_ref, *producer.pending()], num_returns=1)
+            if done[0] != train_ref:
+                self.pairs_added += producer.complete(done[0])
+                continue
+            metrics = ray.get(train_ref)
+            break
+        self.step += 1
+        self.phase_step += 1
+        if self.step % cfg.sync.every_steps == 0 and phase.kind == "online":
+            self.version += 1
+            self.sync_seconds = self.sync.wait() or self.sync_seconds
+            self.sync.push(self.version)
+            actors.buffer.set_version.remote(self.version)
+        stats = ray.get(actors.buffer.stats.remote())
+        batch_version = metrics.pop("batch_policy_version", None)
+        row = {
+            "step": self.step, "phase": self.phase_index, "phase_kind": phase.kind,
+            "policy_version": self.version, **metrics,
+            "policy_lag": sampled_at - batch_version if batch_version is not None and phase.kind == "online" else 0.0,
+            "buffer_size": stats["size"], "buffer_dropped_stale": stats["dropped_stale"],
+            "pairs_added": self.pairs_added, "samples_per_s": self.pairs_added / max(self._elapsed(), 1e-9),
+            "step_time_s": time.perf_counter() - started, "weight_sync_s": self.sync_seconds,
+            "elapsed_s": self._elapsed(),
+        }
+        self.log.write(row)
+        bar.update(row)
+
+
+class _Drained:
+    """Stands in for a producer at the end of the run, when nothing is in flight."""
+
+    def pending(self) -> list:
+        return []
+
+    def state(self) -> dict:
+        return {}
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` lines: what an interrupted run wrote after its checkpoint is redone."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        lines = f.readlines()[:keep]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool = False) -> dict:
+    """Run the whole schedule (the name is historical: offline phases run here too)."""
     started_ray = start_ray(cfg)
     try:
         check_resources(cfg)
         actors = create_actors(cfg, prep.teacher_path, prep.student_path)
         try:
-            return _loop(cfg, prep, actors, progress)
+            trainer = Trainer(cfg, prep, actors, progress)
+            if resume:
+                ckpt = latest_checkpoint(prep.run_dir)
+                if ckpt is None:
+                    raise FileNotFoundError(f"{prep.run_dir}/checkpoints: no checkpoint to resume from")
+                trainer.restore(ckpt)
+            return trainer.run()
         finally:
             actors.shutdown()
     finally:
         if started_ray:
             ray.shutdown()
-
-
-def _loop(cfg: Config, prep: Prepared, actors, progress: bool) -> dict:
-    from actors.weight_sync import WeightSync
-
-    stream = PromptStream(prep.requests, cfg.run.seed)
-    sync = WeightSync(actors.learners, actors.samplers)
-    log = MetricsLog(prep.run_dir / "metrics.jsonl")
-    bar = ProgressBar(cfg.learner.max_steps, enabled=progress)
-    in_flight: dict[ray.ObjectRef, tuple[int, ray.ObjectRef]] = {}  # add ref -> (sampler, pair ref)
-    per_sampler = [0] * len(actors.samplers)
-    version, step, pairs_added, requests_sent = 0, 0, 0, 0
-    probe_before = _probe(actors, prep)
-    t0 = time.perf_counter()
-    train_ref, step_started = None, t0
-    sync_seconds = 0.0
-
-    while step < cfg.learner.max_steps:
-        for i, sampler in enumerate(actors.samplers):  # keep every producer busy
-            while per_sampler[i] < cfg.sampler.max_in_flight:
-                reqs = stream.take(cfg.sampler.prompts_per_request)
-                gen = sampler.generate.remote(reqs, seed=cfg.run.seed * 1_000_003 + requests_sent)
-                pair = actors.teachers.submit(reqs, gen)
-                in_flight[actors.buffer.add.remote(pair)] = (i, pair)
-                per_sampler[i] += 1
-                requests_sent += 1
-        if train_ref is None:
-            batch = actors.buffer.sample.remote(cfg.learner.batch_size, version)
-            train_ref, step_started = actors.learners.train_step(batch), time.perf_counter()
-            sampled_at_version = version
-
-        done, _ = ray.wait([train_ref, *in_flight], num_returns=1)
-        for ref in done:
-            if ref in in_flight:
-                i, pair = in_flight.pop(ref)
-                pairs_added += ray.get(ref)  # raises the producer's error, if any
-                actors.teachers.done(pair)
-                per_sampler[i] -= 1
-                continue
-            metrics = ray.get(train_ref)
-            train_ref = None
-            step += 1
-            if step % cfg.sync.every_steps == 0:
-                version += 1
-                sync_seconds = sync.wait()
-                sync.push(version)
-                actors.buffer.set_version.remote(version)
-            stats = ray.get(actors.buffer.stats.remote())
-            elapsed = time.perf_counter() - t0
-            row = {
-                "step": step,
-                "policy_version": version,
-                **metrics,
-                "policy_lag": sampled_at_version - metrics.pop("batch_policy_version"),
-                "buffer_size": stats["size"],
-                "buffer_dropped_stale": stats["dropped_stale"],
-                "pairs_added": pairs_added,
-                "samples_per_s": pairs_added / elapsed,
-                "step_time_s": time.perf_counter() - step_started,
-                "weight_sync_s": sync_seconds,
-                "elapsed_s": elapsed,
-            }
-            log.write(row)
-            bar.update(row)
-    bar.close()
-    if step % cfg.sync.every_steps:  # the samplers end on the final weights too
-        version += 1
-        sync.push(version)
-    sync.wait()
-    probe_after = _probe(actors, prep)
-    final = prep.run_dir / "final"
-    actors.learners.save_hf(str(final), prep.student_path)
-    stats = ray.get(actors.buffer.stats.remote())
-    ray.get(actors.buffer.close.remote())
-    summary = {
-        "steps": step,
-        "policy_version": version,
-        "wall_s": time.perf_counter() - t0,
-        "pairs_added": pairs_added,
-        "prompts_sent": stream.taken,
-        "prompt_epochs": stream.epoch + 1,
-        "buffer": stats,
-        "sampler_versions": ray.get([s.version.remote() for s in actors.samplers]),
-        "first_loss": log.first.get("loss"),
-        "last_loss": log.last.get("loss"),
-        "final_model": str(final),
-        "probe": {"prompt": prep.tokenizer.decode(prep.requests[0]["prompt_ids"]),
-                  "before": probe_before, "after": probe_after},
-    }
-    Path(prep.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary

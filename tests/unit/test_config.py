@@ -97,3 +97,36 @@ def test_shipped_configs_load():
     assert paths
     for p in paths:
         load_config(p)
+
+
+def test_schedule_of_phases(tmp_path):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "manifest.json").write_text("{}")
+    cfg = load_config(write(tmp_path, {"loss": {"type": "dpkd"}, "schedule": [
+        {"kind": "offline", "steps": 3, "data": str(ds), "loss": {"type": "sft"}},
+        {"kind": "online", "steps": 5}]}))
+    phases = cfg.phases()
+    assert [(p.kind, p.steps, p.loss.type) for p in phases] == [("offline", 3, "sft"), ("online", 5, "dpkd")]
+    assert cfg.total_steps() == 8
+    assert load_config(write(tmp_path, {"learner": {"max_steps": 4}})).phases()[0].steps == 4
+
+
+@pytest.mark.parametrize("phase, expect", [
+    ({"kind": "offline", "steps": 3, "data": "/nope"}, "schedule[0].data='/nope': must be a dataset directory"),
+    ({"kind": "online", "steps": 0}, "schedule[0].steps=0: must be a positive integer"),
+    ({"kind": "sideways", "steps": 1}, "schedule[0].kind='sideways': must be one of 'online', 'offline'"),
+    ({"kind": "online", "steps": 1, "loss": {"type": "nope"}}, "schedule[0].loss.type='nope'"),
+])
+def test_bad_schedule(tmp_path, phase, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {"schedule": [phase]}))
+    assert expect in str(e.value)
+
+
+def test_offline_phase_cannot_use_a_pairwise_loss(tmp_path):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"schedule\[0\].loss.type='dpkd': needs the student's responses"):
+        load_config(write(tmp_path, {"schedule": [{"kind": "offline", "steps": 2, "data": str(ds)}]}))

@@ -1,0 +1,188 @@
+"""Offline teacher datasets: ``raykd generate`` writes them, the offline phase of ``raykd train`` reads them.
+
+A dataset is a directory of Parquet shards in the replay-buffer schema (teacher response, its
+per-token log-probs and top-k, prompt, priming strategy; no student response, ``policy_version`` -1)
+plus ``manifest.json``. Each shard is written under a temporary name and renamed when complete, so
+a killed run never leaves a half shard under its final name, and a re-run skips finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kd.data import BUFFER_SCHEMA
+from kd.errors import UserInputError
+
+MANIFEST = "manifest.json"
+
+
+class DatasetError(UserInputError):
+    pass
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.parquet"
+
+
+def _identity(cfg, num_requests: int, shard_size: int) -> dict:
+    """What must match for a re-run to continue an existing dataset."""
+    t = cfg.teacher
+    return {
+        "teacher": cfg.models.teacher, "data": cfg.data.source, "num_prompts": num_requests,
+        "priming": cfg.priming.strategy, "priming_template": cfg.priming.template,
+        "score_with": cfg.priming.score_with, "max_new_tokens": t.max_new_tokens,
+        "temperature": t.temperature, "top_p": t.top_p, "top_k_logprobs": t.top_k_logprobs,
+        "shard_size": shard_size, "seed": cfg.run.seed,
+    }
+
+
+def _check_manifest(out: Path, identity: dict) -> None:
+    path = out / MANIFEST
+    if not path.exists():
+        return
+    old = json.loads(path.read_text()).get("identity", {})
+    diff = sorted(k for k in identity.keys() | old.keys() if identity.get(k) != old.get(k))
+    if diff:
+        raise DatasetError(f"{path}: the existing dataset was generated with other settings "
+                           f"({', '.join(f'{k}: {old.get(k)!r} -> {identity.get(k)!r}' for k in diff)}); "
+                           "use a new --out directory")
+
+
+def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: bool = True) -> dict:
+    """Run the TeacherPool over the configured prompts into Parquet shards under ``out_dir``."""
+    import ray
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from actors.engines import resolve_backend
+    from actors.teacher_pool import TeacherPool
+    from driver.cluster import check_resources_for, engine_opts, start_ray
+    from driver.prepare import build_requests
+    from kd.data import load_prompts
+    from kd.models import resolve_model
+
+    if shard_size <= 0:
+        raise DatasetError(f"--shard-size={shard_size}: must be a positive integer")
+    records = load_prompts(cfg.data.source, cfg.data.prompt_field, cfg.data.answer_field,
+                           cfg.data.num_prompts, cfg.run.seed)
+    cache = Path(cfg.models.cache_dir).expanduser() if cfg.models.cache_dir else None
+    teacher_path = str(resolve_model(cfg.models.teacher, cache))
+    requests, skipped = build_requests(cfg, AutoTokenizer.from_pretrained(teacher_path), records)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = _identity(cfg, len(requests), shard_size)
+    _check_manifest(out, identity)
+    (out / MANIFEST).write_text(json.dumps({"identity": identity, "skipped_overlong": skipped}, indent=1))
+    shards = [requests[i : i + shard_size] for i in range(0, len(requests), shard_size)]
+    todo = [i for i in range(len(shards)) if not (out / shard_name(i)).exists()]
+    done_rows = sum(len(shards[i]) for i in range(len(shards)) if i not in todo)
+
+    started = start_ray(cfg)
+    t = cfg.teacher
+    try:
+        check_resources_for({"CPU": t.num_replicas * t.engine.num_cpus,
+                             "GPU": t.num_replicas * t.engine.num_gpus})
+        pool = TeacherPool(
+            t.num_replicas, {"num_cpus": t.engine.num_cpus, "num_gpus": t.engine.num_gpus,
+                             **({"resources": dict(t.engine.resources)} if t.engine.resources else {})},
+            model_path=teacher_path, backend=resolve_backend(t.engine.backend),
+            engine_opts=engine_opts(t.engine, cfg, t.max_new_tokens),
+            sampling={"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p},
+            top_k=t.top_k_logprobs, score_with=cfg.priming.score_with)
+        ray.get(pool.ready_refs())
+        bar = tqdm(total=len(requests), initial=done_rows, desc="generate", unit="prompt",
+                   disable=not progress, dynamic_ncols=True)
+        per_request = cfg.sampler.prompts_per_request
+        pending: dict = {}  # ref -> (shard, part)
+        parts: dict[int, dict[int, pa.Table]] = {i: {} for i in todo}
+        n_parts = {i: (len(shards[i]) + per_request - 1) // per_request for i in todo}
+        queue = [(i, j) for i in todo for j in range(n_parts[i])]
+        window = 2 * t.num_replicas
+        while queue or pending:
+            while queue and len(pending) < window:
+                i, j = queue.pop(0)
+                batch = shards[i][j * per_request : (j + 1) * per_request]
+                pending[pool.submit(batch, None)] = (i, j)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                i, j = pending.pop(ref)
+                pool.done(ref)
+                parts[i][j] = ray.get(ref)
+                bar.update(parts[i][j].num_rows)
+                if len(parts[i]) == n_parts[i]:
+                    _write_shard(out / shard_name(i), [parts[i][k] for k in range(n_parts[i])])
+                    del parts[i]
+        bar.close()
+        for w in pool.workers:
+            ray.kill(w)
+    finally:
+        if started:
+            ray.shutdown()
+    return {"out": str(out), "shards": len(shards), "written": len(todo), "prompts": len(requests),
+            "skipped_overlong": skipped}
+
+
+def _write_shard(path: Path, tables: list[pa.Table]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.concat_tables(tables), tmp)
+    os.replace(tmp, path)  # atomic: the final name only ever holds a complete shard
+
+
+def read_dataset(path: str | Path) -> pa.Table:
+    """All rows of a generated dataset, validated against the buffer schema."""
+    root = Path(path)
+    if not (root / MANIFEST).is_file():
+        raise DatasetError(f"{root}: not a raykd dataset (no {MANIFEST}; create one with raykd generate)")
+    files = sorted(root.glob("shard-*.parquet"))
+    if not files:
+        raise DatasetError(f"{root}: the dataset has no shards")
+    tables = []
+    for f in files:
+        try:
+            t = pq.read_table(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(f"{f}: not a readable Parquet shard: {e}") from None
+        missing = [n for n in BUFFER_SCHEMA.names if n not in t.column_names]
+        if missing:
+            raise DatasetError(f"{f}: missing field(s) {', '.join(missing)}")
+        tables.append(t.select(BUFFER_SCHEMA.names).cast(BUFFER_SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("shard-*.parquet")):
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def _generate_cmd(args) -> int:
+    from driver.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    summary = generate_dataset(cfg, args.out, args.shard_size, progress=not args.no_progress)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def register(sub) -> None:
+    g = sub.add_parser("generate", help="run the teacher pool over a prompt dataset into Parquet shards")
+    g.add_argument("config")
+    g.add_argument("--out", required=True, help="output directory (re-running it resumes)")
+    g.add_argument("--set", action="append", default=[], metavar="dotted.key=value")
+    g.add_argument("--shard-size", type=int, default=64, help="prompts per Parquet shard")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=_generate_cmd)
+
+
+if __name__ == "__main__":
+    from driver.cli import main
+
+    sys.exit(main(["generate", *sys.argv[1:]]))

@@ -1,0 +1,103 @@
+"""Offline teacher datasets: generate (sharded, atomic, resumable) -> train offline -> online."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from driver.config import load_config
+from driver.offline import DatasetError, generate_dataset, read_dataset, shard_name
+
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
+
+
+def gen_config(tiny_models, tmp_path, *overrides):
+    return load_config(None, [
+        f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
+        "data.num_prompts=10", "teacher.max_new_tokens=6", "teacher.top_k_logprobs=4",
+        "sampler.prompts_per_request=2", "ray.num_cpus=6", *overrides])
+
+
+def test_generate_writes_complete_shards_and_resumes(tiny_models, tmp_path):
+    cfg = gen_config(tiny_models, tmp_path)
+    out = tmp_path / "ds"
+    s = generate_dataset(cfg, out, shard_size=4, progress=False)
+    assert (s["shards"], s["written"], s["prompts"]) == (3, 3, 10)
+    table = read_dataset(out)
+    assert table.num_rows == 10 and len(set(table.column("prompt_id").to_pylist())) == 10
+    assert set(table.column("policy_version").to_pylist()) == {-1}
+    assert all(r == [] for r in table.column("rejected_ids").to_pylist())
+    row = table.slice(0, 1).to_pylist()[0]
+    assert len(row["chosen_teacher_logps"]) == len(row["chosen_ids"]) == len(row["chosen_topk_ids"]) > 0
+    assert row["priming"] == "none"
+
+    # a lost shard plus a half-written temporary: a re-run redoes only that shard
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    (out / shard_name(1)).unlink()
+    (out / f".{shard_name(1)}.tmp").write_bytes(b"half a shard")
+    s2 = generate_dataset(cfg, out, shard_size=4, progress=False)
+    assert s2["written"] == 1
+    assert (out / shard_name(0)).stat().st_mtime_ns == mtimes[shard_name(0)]
+    assert not list(out.glob(".*.tmp"))
+    assert read_dataset(out).num_rows == 10
+
+    with pytest.raises(DatasetError, match="generated with other settings"):
+        generate_dataset(gen_config(tiny_models, tmp_path, "priming.strategy=teacher"), out, 4, progress=False)
+
+
+def test_generate_resumes_after_a_kill(tiny_models, tmp_path):
+    """Kill `raykd generate` once a shard is on disk; the re-run completes the dataset exactly."""
+    cfg_path = tmp_path / "gen.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "models": {"teacher": tiny_models["teacher"], "student": tiny_models["student"]},
+        "data": {"num_prompts": 24}, "teacher": {"max_new_tokens": 6, "top_k_logprobs": 2},
+        "sampler": {"prompts_per_request": 2}, "ray": {"num_cpus": 2}}))
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "driver.cli", "generate", str(cfg_path), "--out", str(out),
+           "--shard-size", "2", "--no-progress"]
+    env = dict(os.environ, RAY_ADDRESS="")  # its own local cluster, not the test session's
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("shard-*.parquet")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = sorted(p.name for p in out.glob("shard-*.parquet"))
+    assert 1 <= len(first) < 12, "the kill should land while shards are still being written"
+    for p in out.glob("shard-*.parquet"):
+        pq.read_table(p)  # every shard under a final name is complete
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(rerun.stdout)["written"] == 12 - len(first)
+    table = read_dataset(out)
+    assert table.num_rows == 24 and len(set(table.column("prompt_id").to_pylist())) == 24
+
+
+def test_offline_then_online_schedule(tiny_models, tmp_path):
+    from driver.online import run_online
+    from driver.prepare import prepare
+
+    ds = tmp_path / "ds"
+    generate_dataset(gen_config(tiny_models, tmp_path), ds, shard_size=4, progress=False)
+    cfg = load_config(None, [
+        f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
+        "data.num_prompts=16", "teacher.max_new_tokens=6", "sampler.max_new_tokens=6",
+        "teacher.top_k_logprobs=4", "sampler.prompts_per_request=4", "buffer.capacity=32",
+        "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=6",
+        f"schedule=[{{kind: offline, steps: 3, data: '{ds}', loss: {{type: sft}}}}, "
+        "{kind: online, steps: 2, loss: {type: dpkd}}]"])
+    prep = prepare(cfg, str(tmp_path / "run"))
+    summary = run_online(cfg, prep, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase_kind"]) for r in rows] == [
+        (1, "offline"), (2, "offline"), (3, "offline"), (4, "online"), (5, "online")]
+    assert all("dpkd_loss" not in r and r["lm_loss"] is not None for r in rows[:3])  # SeqKD on teacher text
+    assert all("dpkd_loss" in r for r in rows[3:])
+    assert summary["steps"] == 5 and summary["sampler_versions"] == [summary["policy_version"]]
