@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actors import metrics
 from kd.data import BUFFER_SCHEMA
 
 
@@ -81,7 +82,12 @@ class BufferCore:
         idx = np.flatnonzero(mask)
         if len(idx) == len(self):
             return
-        self.table = self.table.take(pa.array(idx))
+        if len(idx) == 0 or idx[-1] - idx[0] + 1 == len(idx):
+            # a contiguous run (the usual case: the oldest rows go): a zero-copy slice
+            start = int(idx[0]) if len(idx) else 0
+            self.table = self.table.slice(start, len(idx))
+        else:
+            self.table = self.table.take(pa.array(idx))
         self.versions = self.versions[idx]
         self.uses = self.uses[idx]
 
@@ -201,6 +207,7 @@ class ReplayBuffer:
                 return 0
             added = self.core.add(rows)
             self.changed.notify_all()
+            metrics.record_buffer(len(self.core))
             return added
 
     async def sample(self, n: int, current_version: int, timeout: float | None = None) -> pa.Table | None:
@@ -212,6 +219,7 @@ class ReplayBuffer:
                 batch = self.core.sample(n, current_version)
                 if batch is not None or self.closed:
                     self.changed.notify_all()  # consumed rows make room for waiting producers
+                    metrics.record_buffer(len(self.core))
                     return batch
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -226,6 +234,7 @@ class ReplayBuffer:
             self.version = max(self.version, version)
             self.core.drop_stale(self.version)
             self.changed.notify_all()
+            metrics.record_buffer(len(self.core))
 
     async def close(self) -> None:
         async with self.changed:
