@@ -372,15 +372,14 @@ def validate(cfg: Config) -> Config:
     if src != "synthetic_math":
         _check(src.endswith((".jsonl", ".json", ".parquet")), "data.source", src,
                "must be 'synthetic_math' or a .jsonl/.parquet file")
-        _check(Path(src).expanduser().is_file(), "data.source", src, "file does not exist")
     for i, ph in enumerate(cfg.schedule):
         where = f"schedule[{i}]"
         _check(ph.steps > 0, f"{where}.steps", ph.steps, "must be a positive integer")
         loss = ph.loss or cfg.loss
         _check(loss.type in LOSS_TYPES, f"{where}.loss.type", loss.type, f"must be one of {', '.join(LOSS_TYPES)}")
         if ph.kind == "offline":
-            _check(ph.data is not None and (Path(ph.data).expanduser() / "manifest.json").is_file(),
-                   f"{where}.data", ph.data, "must be a dataset directory written by `raykd generate`")
+            _check(ph.data is not None, f"{where}.data", ph.data,
+                   "an offline phase needs a dataset directory written by `raykd generate`")
             _check(loss.type not in ("dpkd", "pg_rkl"), f"{where}.loss.type", loss.type,
                    "needs the student's responses, which offline data has none of (use sft, fkl, ... "
                    "or an online phase)")
@@ -391,14 +390,30 @@ def validate(cfg: Config) -> Config:
         _check(bool(cfg.learner.lora.target_modules), "learner.lora.target_modules",
                cfg.learner.lora.target_modules, "must name at least one module")
     if cfg.eval.source != "synthetic_math":
-        _check(Path(cfg.eval.source).expanduser().is_file(), "eval.source", cfg.eval.source,
-               "file does not exist")
-    if cfg.learner.deepspeed_config is not None:
-        _check(Path(cfg.learner.deepspeed_config).is_file(), "learner.deepspeed_config",
-               cfg.learner.deepspeed_config, "file does not exist")
+        _check(cfg.eval.source.endswith((".jsonl", ".json", ".parquet")), "eval.source", cfg.eval.source,
+               "must be 'synthetic_math' or a .jsonl/.parquet file")
     if cfg.priming.strategy == "answer_hint":
         _check(cfg.data.answer_field is not None, "data.answer_field", None,
                "priming.strategy=answer_hint needs the reference answer field")
+    return cfg
+
+
+def check_paths(cfg: Config) -> Config:
+    """The files a config names exist (separate from ``validate`` so a config written for a cluster
+    can be checked anywhere)."""
+    if cfg.data.source != "synthetic_math":
+        _check(Path(cfg.data.source).expanduser().is_file(), "data.source", cfg.data.source,
+               "file does not exist")
+    if cfg.eval.source != "synthetic_math":
+        _check(Path(cfg.eval.source).expanduser().is_file(), "eval.source", cfg.eval.source,
+               "file does not exist")
+    for i, ph in enumerate(cfg.schedule):
+        if ph.kind == "offline":
+            _check((Path(ph.data).expanduser() / "manifest.json").is_file(), f"schedule[{i}].data", ph.data,
+                   "must be a dataset directory written by `raykd generate`")
+    if cfg.learner.deepspeed_config is not None:
+        _check(Path(cfg.learner.deepspeed_config).is_file(), "learner.deepspeed_config",
+               cfg.learner.deepspeed_config, "file does not exist")
     return cfg
 
 
@@ -430,7 +445,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_files: bool = True) -> Config:
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -443,7 +459,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])
-    return validate(_build(Config, data, ""))
+    cfg = validate(_build(Config, data, ""))
+    return check_paths(cfg) if check_files else cfg
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
