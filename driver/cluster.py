@@ -46,9 +46,11 @@ def start_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=False)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None  # `ray job submit` sets it
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
         return True
+    os.environ.pop("RAY_ADDRESS", None)  # an empty value would make ray.init look for a cluster
     need = requested_resources(cfg)
     # Logical CPUs may exceed physical cores: actors share cores, each capped by its torch threads.
     cpus = cfg.ray.num_cpus or max(int(need["CPU"] + 0.999), os.cpu_count() or 1)
