@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from actors import metrics
 from actors.engines import Generation, SamplingParams, make_engine
 
 
@@ -24,12 +25,16 @@ class StudentSampler:
     def ready(self) -> int:
         return self.engine.version
 
-    def generate(self, requests: list[dict], seed: int | None = None, greedy: bool = False) -> list[Generation]:
+    def generate(self, requests: list[dict], seed: int | None = None, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> list[Generation]:
         t = time.perf_counter()
-        params = replace(self.params, seed=seed, temperature=0.0 if greedy else self.params.temperature)
+        params = replace(self.params, seed=seed, temperature=0.0 if greedy else self.params.temperature,
+                         max_new_tokens=max_new_tokens or self.params.max_new_tokens)
         gens = self.engine.generate([r["prompt_ids"] for r in requests], params)
         self.generated += len(gens)
         self.busy_s += time.perf_counter() - t
+        metrics.record_generation(f"sampler-{self.index}", len(gens), sum(len(g.token_ids) for g in gens),
+                                  time.perf_counter() - t)
         return gens
 
     def update_weights(self, weights: dict, version: int) -> int:

@@ -12,6 +12,7 @@ import time
 import pyarrow as pa
 import ray
 
+from actors import metrics
 from actors.engines import Generation, SamplingParams, make_engine
 from kd.data import BUFFER_SCHEMA
 
@@ -40,6 +41,8 @@ class TeacherWorker:
             raise ValueError(f"{len(requests)} requests but {len(student)} student generations")
         t = time.perf_counter()
         teacher = self.engine.generate([r["teacher_prompt_ids"] for r in requests], self.params)
+        metrics.record_generation(f"teacher-{self.index}", len(teacher), sum(len(g.token_ids) for g in teacher),
+                                  time.perf_counter() - t)
         key = "teacher_prompt_ids" if self.score_with == "primed" else "prompt_ids"
         ctx = [r[key] for r in requests]
         student_ids = [g.token_ids for g in student] if student is not None else []

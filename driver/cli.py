@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 
@@ -28,8 +27,9 @@ def _train(args) -> int:
     prep = prepare(cfg, args.resume or args.run_dir)
     print(f"raykd: run directory {prep.run_dir}", file=sys.stderr)
     summary = run_online(cfg, prep, progress=not args.no_progress, resume=bool(args.resume))
-    print(json.dumps({k: summary[k] for k in ("steps", "wall_s", "first_loss", "last_loss",
-                                              "pairs_added", "final_model")}, indent=1))
+    from driver.monitoring import format_summary
+
+    print(format_summary(summary))
     return 0
 
 

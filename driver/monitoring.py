@@ -1,10 +1,19 @@
-"""What a person watches while a run goes: metrics.jsonl and a terminal progress bar."""
+"""What a person watches while a run goes: metrics.jsonl, a terminal progress bar, the end summary.
+
+(The Ray-side Prometheus metrics are in ``actors/metrics.py``; ``raykd report`` plots metrics.jsonl.)
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+from kd.errors import UserInputError
+
+
+class MetricsFileError(UserInputError):
+    """metrics.jsonl missing, empty or unreadable; the message names the file (and line)."""
 
 
 def _clean(v):
@@ -30,31 +39,131 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a missing/empty file or a bad line is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsFileError(f"{path}: no such file (is this a raykd run directory?)")
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MetricsFileError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise MetricsFileError(f"{path}:{i}: expected a JSON object")
+            rows.append(row)
+    if not rows:
+        raise MetricsFileError(f"{path}: empty (the run logged no step)")
+    return rows
+
+
+def _num(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _fmt(v, spec: str = ".4g") -> str:
+    v = _num(v)
+    return "-" if v is None else format(v, spec)
+
+
+def progress_postfix(row: dict, buffer_capacity: int | None = None) -> dict[str, str]:
+    """The progress bar's fields for one metrics row: loss, samples/s, buffer fill, lag, version, and
+    the eval metrics when the row has them. Missing or null values show as '-'."""
+    size = row.get("buffer_size")
+    buffer = "-" if size is None else (f"{size}/{buffer_capacity}" if buffer_capacity else str(size))
+    out = {
+        "loss": _fmt(row.get("loss"), ".4f"),
+        "samples/s": _fmt(row.get("samples_per_s"), ".2f"),
+        "buffer": buffer,
+        "lag": _fmt(row.get("policy_lag"), ".2f"),
+        "v": str(row.get("policy_version", "-")),
+    }
+    for key in ("eval_exact_match", "eval_rouge_l"):
+        if _num(row.get(key)) is not None:
+            out[key.removeprefix("eval_")] = _fmt(row[key], ".3f")
+    return out
 
 
 class ProgressBar:
-    def __init__(self, total: int, enabled: bool = True):
+    """A tqdm bar over training steps (the bar's count is the step)."""
+
+    def __init__(self, total: int, enabled: bool = True, buffer_capacity: int | None = None,
+                 initial: int = 0):
         self.bar = None
+        self.buffer_capacity = buffer_capacity
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
     def update(self, row: dict) -> None:
         if self.bar is None:
             return
-        self.bar.set_postfix(
-            loss=f"{row.get('loss', float('nan')):.4f}",
-            samples_s=f"{row.get('samples_per_s', 0):.2f}",
-            buffer=row.get("buffer_size"),
-            lag=f"{row.get('policy_lag', 0):.2f}",
-            v=row.get("policy_version"),
-            refresh=False,
-        )
+        self.bar.set_postfix(progress_postfix(row, self.buffer_capacity), refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _duration(seconds) -> str:
+    s = _num(seconds)
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s"
+    m, s = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _one_line(text, width: int = 100, keep_end: bool = False) -> str:
+    text = " ".join(str(text).split())
+    if len(text) <= width:
+        return text
+    return "..." + text[-(width - 3):] if keep_end else text[: width - 3] + "..."
+
+
+def format_summary(summary: dict) -> str:
+    """A short human-readable block for the end of a run, from the dict written to summary.json.
+    Every key is optional: what is missing is left out."""
+    lines = ["== raykd run summary =="]
+    steps, wall = summary.get("steps"), _num(summary.get("wall_s"))
+    if steps is not None:
+        rate = f" ({steps / wall:.3g} steps/s)" if wall else ""
+        lines.append(f"steps        {steps} in {_duration(wall)}{rate}")
+    if summary.get("policy_version") is not None:
+        lines.append(f"policy       version {summary['policy_version']}")
+    if "first_loss" in summary or "last_loss" in summary:
+        lines.append(f"loss         {_fmt(summary.get('first_loss'))} -> {_fmt(summary.get('last_loss'))}")
+    if summary.get("pairs_added") is not None:
+        pairs = f"pairs        {summary['pairs_added']} added"
+        if wall:
+            pairs += f" ({summary['pairs_added'] / wall:.3g}/s)"
+        lines.append(pairs)
+    buf = summary.get("buffer") or {}
+    if buf:
+        size = f"{buf.get('size', '-')}/{buf['capacity']}" if buf.get("capacity") else str(buf.get("size", "-"))
+        keys = ("inserted", "consumed", "dropped_stale", "evicted", "mean_policy_lag")
+        parts = [f"size {size}"] + [f"{k.replace('_', ' ')} {_fmt(buf[k], '.3g')}" for k in keys if k in buf]
+        lines.append("buffer       " + ", ".join(parts))
+    evals = {k: v for k, v in summary.items()
+             if k.startswith("eval_") and k != "eval_s" and not k.endswith("_std") and _num(v) is not None}
+    if evals:
+        lines.append("eval         " + ", ".join(f"{k.removeprefix('eval_')} {_fmt(v, '.3f')}"
+                                                   for k, v in evals.items()))
+    probe = summary.get("probe") or {}
+    if probe:
+        if probe.get("prompt"):
+            lines.append(f"probe prompt {_one_line(probe['prompt'], keep_end=True)!r}")  # the question ends it
+        lines.append(f"  before     {_one_line(probe.get('before', ''))!r}")
+        lines.append(f"  after      {_one_line(probe.get('after', ''))!r}")
+    if summary.get("final_model"):
+        lines.append(f"final model  {summary['final_model']}")
+    return "\n".join(lines)

@@ -24,6 +24,7 @@ import ray
 
 from driver.cluster import check_resources, create_actors, start_ray
 from driver.config import Config, PhaseConfig
+from actors.metrics import record_step
 from driver.monitoring import MetricsLog, ProgressBar
 from driver.prepare import Prepared
 
@@ -136,7 +137,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 class Trainer:
     """The driver's state for one run: which phase and step, which policy version, what was added."""
 
-    def __init__(self, cfg: Config, prep: Prepared, actors, progress: bool):
+    def __init__(self, cfg: Config, prep: Prepared, actors, progress: bool, evaluator=None):
         from actors.weight_sync import WeightSync
 
         self.cfg, self.prep, self.actors = cfg, prep, actors
@@ -144,6 +145,8 @@ class Trainer:
         self.phases: list[PhaseConfig] = cfg.phases()
         self.sync = WeightSync(actors.learners, actors.samplers)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.evaluator = evaluator
+        self.last_eval: dict = {}
         self.consumed = self.run_dir / "consumed.jsonl"
         self.progress = progress
         self.step = self.version = self.phase_index = self.phase_step = self.pairs_added = 0
@@ -210,7 +213,8 @@ class Trainer:
     def run(self) -> dict:
         self.t0 = time.perf_counter()
         probe_before = _probe(self.actors, self.prep)
-        bar = ProgressBar(self.cfg.total_steps() - self.step, enabled=self.progress)
+        bar = ProgressBar(self.cfg.total_steps(), enabled=self.progress,
+                          buffer_capacity=self.cfg.buffer.capacity, initial=self.step)
         every = self.cfg.checkpoint.every_steps
         while self.phase_index < len(self.phases):
             phase = self.phases[self.phase_index]
@@ -243,6 +247,7 @@ class Trainer:
             "samplers": ray.get([s.stats.remote() for s in self.actors.samplers]),
             "first_loss": self.log.first.get("loss"), "last_loss": self.log.last.get("loss"),
             "final_model": str(final),
+            **self.last_eval,
             "probe": {"prompt": self.prep.tokenizer.decode(self.prep.requests[0]["prompt_ids"]),
                       "before": probe_before, "after": probe_after},
         }
@@ -279,8 +284,19 @@ class Trainer:
             "step_time_s": time.perf_counter() - started, "weight_sync_s": self.sync_seconds,
             "elapsed_s": self._elapsed(),
         }
+        if self.evaluator is not None and self.evaluator.due(self.step):
+            self.last_eval = self.evaluator.run(self._generate)  # sees the weights just pushed
+            row.update(self.last_eval)
+        record_step(row)
         self.log.write(row)
         bar.update(row)
+
+    def _generate(self, prompts: list[list[int]], seed: int | None = None) -> list[list[int]]:
+        """Sampler 0's output for periodic evaluation: greedy unless eval.seeds gives a seed."""
+        reqs = [{"prompt_ids": p} for p in prompts]
+        gens = ray.get(self.actors.samplers[0].generate.remote(
+            reqs, seed=seed, greedy=seed is None, max_new_tokens=self.cfg.eval.max_new_tokens))
+        return [g.token_ids for g in gens]
 
 
 class _Drained:
@@ -312,12 +328,16 @@ def _truncate_lines(path: Path, keep: int) -> None:
 
 def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool = False) -> dict:
     """Run the whole schedule (the name is historical: offline phases run here too)."""
+    from driver.evaluate import PeriodicEval
+
+    # built before any actor starts, so bad eval data fails fast
+    evaluator = PeriodicEval(cfg, prep.tokenizer) if cfg.eval.every_steps else None
     started_ray = start_ray(cfg)
     try:
         check_resources(cfg)
         actors = create_actors(cfg, prep.teacher_path, prep.student_path)
         try:
-            trainer = Trainer(cfg, prep, actors, progress)
+            trainer = Trainer(cfg, prep, actors, progress, evaluator)
             if resume:
                 ckpt = latest_checkpoint(prep.run_dir)
                 if ckpt is None:
