@@ -64,7 +64,7 @@ def load_examples(source: str, prompt_field: str = "question", answer_field: str
     """Held-out examples from ``synthetic_math`` (``limit`` problems, default ``eval.limit``, generator
     seed ``seed``) or a JSONL/Parquet file (its first ``limit`` rows, default all)."""
     from driver.config import EvalConfig
-    from kd.data import _iter_rows, rows_to_records, synthetic_math
+    from kd.data import iter_rows, rows_to_records, synthetic_math
 
     if limit is not None and limit <= 0:
         raise EvalError(f"--limit {limit}: must be a positive integer")
@@ -78,7 +78,7 @@ def load_examples(source: str, prompt_field: str = "question", answer_field: str
         if not path.name.endswith((".jsonl", ".json", ".parquet")):
             raise EvalError(f"{source}: expected 'synthetic_math' or a .jsonl/.parquet file")
         rows, where = [], str(path)
-        for item in _iter_rows(path):
+        for item in iter_rows(path):
             rows.append(item)
             if limit is not None and len(rows) >= limit:
                 break

@@ -102,7 +102,7 @@ def final_answer(text: str | None) -> str | None:
     return text.strip().replace(",", "") or None
 
 
-def _iter_rows(path: Path):
+def iter_rows(path: Path):
     """(row number, dict) pairs from JSONL or Parquet; rows are 1-based as an editor shows them."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -162,7 +162,7 @@ def read_prompts(path: str | Path, prompt_field: str = "question", answer_field:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: file does not exist")
-    return rows_to_records(_iter_rows(path), prompt_field, answer_field, str(path))
+    return rows_to_records(iter_rows(path), prompt_field, answer_field, str(path))
 
 
 def load_prompts(source: str, prompt_field: str, answer_field: str | None, num: int, seed: int):
