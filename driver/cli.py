@@ -30,6 +30,10 @@ def _train(args) -> int:
     from driver.monitoring import format_summary
 
     print(format_summary(summary))
+    if summary.get("interrupted_at"):
+        print(f"raykd: stopped at step {summary['steps']}, checkpoint {summary['interrupted_at']}; continue "
+              f"with: raykd train {args.config} --resume {prep.run_dir}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -17,6 +17,9 @@ import json
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -211,8 +214,12 @@ class Trainer:
         return OnlineProducer(self.cfg, self.actors, stream, self.consumed)
 
     def run(self) -> dict:
+        with GracefulStop() as self.stop:
+            return self._run()
+
+    def _run(self) -> dict:
         self.t0 = time.perf_counter()
-        probe_before = _probe(self.actors, self.prep)
+        self.probe_before = _probe(self.actors, self.prep)
         bar = ProgressBar(self.cfg.total_steps(), enabled=self.progress,
                           buffer_capacity=self.cfg.buffer.capacity, initial=self.step)
         every = self.cfg.checkpoint.every_steps
@@ -221,6 +228,10 @@ class Trainer:
             producer = self._producer(phase)
             while self.phase_step < phase.steps:
                 self._train_step(producer, phase, bar)
+                if self.stop.requested:  # SIGINT/SIGTERM: checkpoint, then stop cleanly
+                    bar.close()
+                    ckpt = self.save_checkpoint(producer)
+                    return self._summary(interrupted_at=str(ckpt))
                 if every and self.step % every == 0:
                     self.save_checkpoint(producer)
             for ref in producer.pending():
@@ -233,14 +244,19 @@ class Trainer:
             self.version += 1
             self.sync.push(self.version)
         self.sync_seconds = self.sync.wait() or self.sync_seconds
-        probe_after = _probe(self.actors, self.prep)
         if not (every and self.step % every == 0):
             self.save_checkpoint(_Drained())
+        return self._summary()
+
+    def _summary(self, interrupted_at: str | None = None) -> dict:
+        self.sync.wait()
+        probe_after = _probe(self.actors, self.prep)
         final = self.run_dir / "final"
         self.actors.learners.save_hf(str(final), self.prep.student_path)
         stats = ray.get(self.actors.buffer.stats.remote())
         summary = {
             "steps": self.step, "policy_version": self.version, "wall_s": self._elapsed(),
+            "interrupted_at": interrupted_at,
             "pairs_added": self.pairs_added, "buffer": stats,
             "sampler_versions": ray.get([s.version.remote() for s in self.actors.samplers]),
             "teachers": self.actors.teachers.stats(),
@@ -249,7 +265,7 @@ class Trainer:
             "final_model": str(final),
             **self.last_eval,
             "probe": {"prompt": self.prep.tokenizer.decode(self.prep.requests[0]["prompt_ids"]),
-                      "before": probe_before, "after": probe_after},
+                      "before": self.probe_before, "after": probe_after},
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
@@ -297,6 +313,33 @@ class Trainer:
         gens = ray.get(self.actors.samplers[0].generate.remote(
             reqs, seed=seed, greedy=seed is None, max_new_tokens=self.cfg.eval.max_new_tokens))
         return [g.token_ids for g in gens]
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (it then checkpoints and shuts
+    every actor down); a second signal interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nraykd: {signal.Signals(signum).name}: finishing this step, then checkpointing "
+              "(again to abort)", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 class _Drained:
