@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -325,6 +326,8 @@ def validate(cfg: Config) -> Config:
         "teacher.engine.torch_threads": cfg.teacher.engine.torch_threads,
         "sampler.engine.torch_threads": cfg.sampler.engine.torch_threads,
     }
+    _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.run.name) is not None, "run.name", cfg.run.name,
+           "letters, digits, '.', '_' and '-' only (it names a directory under run.runs_dir)")
     for path, v in positive_ints.items():
         _check(v > 0, path, v, "must be a positive integer")
     non_negative = {

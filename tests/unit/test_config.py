@@ -46,6 +46,8 @@ def test_int_field_accepts_int_float_field_accepts_int(tmp_path):
         ({}, ["learner.zero_stage=4"], "learner.zero_stage=4"),
         ({}, ["learner.lr=.nan"], "learner.lr=nan: must be a finite number"),
         ({}, ["engine=1"], "engine: unknown key"),
+        ({}, ["run.name=../../etc"], "run.name='../../etc': letters, digits"),
+        ({}, ["run.name=a/b"], "run.name='a/b'"),
         ({}, ["data.source=/nope/prompts.jsonl"], "data.source='/nope/prompts.jsonl': file does not exist"),
         ({}, ["data.source=prompts.csv"], "data.source='prompts.csv'"),
         ({}, ["buffer.sampling=random"], "buffer.sampling='random': must be one of 'fifo', 'uniform'"),
