@@ -101,18 +101,22 @@ class TeacherPool:
     def ready_refs(self) -> list:
         return [w.ready.remote() for w in self.workers]
 
-    def submit(self, requests: list[dict], student_ref) -> ray.ObjectRef:
-        """``student_ref``: the sampler's ObjectRef (Ray resolves it before the teacher runs)."""
-        i = min(range(len(self.workers)), key=self.in_flight.__getitem__)
+    def submit(self, requests: list[dict], student_ref, avoid: int | None = None) -> ray.ObjectRef:
+        """``student_ref``: the sampler's ObjectRef (Ray resolves it before the teacher runs), or None
+        for offline rows. ``avoid``: a replica not to use (one that just failed) if there is another."""
+        choices = [i for i in range(len(self.workers)) if i != avoid] or list(range(len(self.workers)))
+        i = min(choices, key=self.in_flight.__getitem__)
         ref = self.workers[i].make_pairs.remote(requests, student_ref)
         self.in_flight[i] += 1
         self._owner[ref] = i
         return ref
 
-    def done(self, ref: ray.ObjectRef) -> None:
+    def done(self, ref: ray.ObjectRef) -> int | None:
+        """Forget a finished (or failed) request; returns the replica that had it."""
         i = self._owner.pop(ref, None)
         if i is not None:
             self.in_flight[i] -= 1
+        return i
 
     def stats(self) -> list[dict]:
         return ray.get([w.stats.remote() for w in self.workers])

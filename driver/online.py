@@ -61,36 +61,64 @@ class PromptStream:
 
 
 class OnlineProducer:
-    """Keeps every sampler's request chain full; logs each request's prompts once added."""
+    """Keeps every sampler's request chain full; logs each request's prompts once they are added.
 
-    def __init__(self, cfg: Config, actors, stream: PromptStream, consumed: Path):
-        self.cfg, self.actors, self.stream, self.consumed = cfg, actors, stream, consumed
-        self.in_flight: dict = {}  # add ref -> (sampler index, pair ref, epoch, prompt ids)
+    A request whose sampler or teacher died is sent again (Ray restarts the actor; a restarted
+    sampler first gets the current weights, and a teacher request goes to another replica when there
+    is one). A request is logged as consumed only once its rows are in the buffer, so no prompt is
+    lost and none is added twice.
+    """
+
+    def __init__(self, cfg: Config, actors, stream: PromptStream, consumed: Path, sync=None,
+                 recovered: dict | None = None):
+        self.cfg, self.actors, self.stream, self.consumed, self.sync = cfg, actors, stream, consumed, sync
+        self.in_flight: dict = {}  # add ref -> request (dict: sampler, gen, pair, epoch, reqs, seed)
         self.per_sampler = [0] * len(actors.samplers)
         self.sent = 0
+        self.recovered = recovered if recovered is not None else {"sampler": 0, "teacher": 0}
 
     def top_up(self, version: int) -> None:
-        for i, sampler in enumerate(self.actors.samplers):
+        for i in range(len(self.actors.samplers)):
             while self.per_sampler[i] < self.cfg.sampler.max_in_flight:
                 epoch, reqs = self.stream.take(self.cfg.sampler.prompts_per_request)
-                gen = sampler.generate.remote(reqs, seed=self.cfg.run.seed * 1_000_003 + self.sent)
-                pair = self.actors.teachers.submit(reqs, gen)
-                ids = [r["prompt_id"] for r in reqs]
-                self.in_flight[self.actors.buffer.add.remote(pair)] = (i, pair, epoch, ids)
+                self._send({"sampler": i, "epoch": epoch, "reqs": reqs,
+                            "seed": self.cfg.run.seed * 1_000_003 + self.sent})
                 self.per_sampler[i] += 1
                 self.sent += 1
+
+    def _send(self, req: dict, gen=None, avoid_teacher: int | None = None) -> None:
+        if gen is None:
+            gen = self.actors.samplers[req["sampler"]].generate.remote(req["reqs"], seed=req["seed"])
+        pair = self.actors.teachers.submit(req["reqs"], gen, avoid=avoid_teacher)
+        self.in_flight[self.actors.buffer.add.remote(pair)] = {**req, "gen": gen, "pair": pair}
 
     def pending(self) -> list:
         return list(self.in_flight)
 
     def complete(self, ref) -> int:
-        i, pair, epoch, ids = self.in_flight.pop(ref)
-        added = ray.get(ref)  # raises the producer's error, if any
-        self.actors.teachers.done(pair)
-        self.per_sampler[i] -= 1
+        req = self.in_flight.pop(ref)
+        teacher = self.actors.teachers.done(req["pair"])
+        try:
+            added = ray.get(ref)  # raises the producer's error, if any
+        except ray.exceptions.RayActorError:
+            self._resend(req, teacher)
+            return 0
+        self.per_sampler[req["sampler"]] -= 1
         with open(self.consumed, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "prompt_ids": ids}) + "\n")
+            f.write(json.dumps({"epoch": req["epoch"], "prompt_ids": [r["prompt_id"] for r in req["reqs"]]}) + "\n")
         return added
+
+    def _resend(self, req: dict, teacher: int | None) -> None:
+        try:
+            ray.get(req["gen"])
+        except ray.exceptions.RayActorError:  # the sampler died: Ray restarts it; it needs the weights
+            self.recovered["sampler"] += 1
+            if self.sync is not None:
+                self.sync.resend_to(req["sampler"])
+            self._send(req)
+            return
+        self.recovered["teacher"] += 1  # the teacher died: its request goes to another replica
+        self._send(req, gen=req["gen"], avoid_teacher=teacher)
 
     def state(self) -> dict:
         assert not self.in_flight, "drain before saving producer state"
@@ -154,6 +182,7 @@ class Trainer:
         self.progress = progress
         self.step = self.version = self.phase_index = self.phase_step = self.pairs_added = 0
         self.producer_state: dict = {}
+        self.recovered = {"sampler": 0, "teacher": 0}  # requests re-sent after an actor died
         self.elapsed_before = 0.0
         self.sync_seconds = 0.0
 
@@ -211,7 +240,7 @@ class Trainer:
                                    st.get("epoch", 0), st.get("pos", 0))
         s = st.get("stream", {})
         stream = PromptStream(self.prep.requests, self.cfg.run.seed, s.get("epoch", 0), s.get("pos", 0))
-        return OnlineProducer(self.cfg, self.actors, stream, self.consumed)
+        return OnlineProducer(self.cfg, self.actors, stream, self.consumed, self.sync, self.recovered)
 
     def run(self) -> dict:
         with GracefulStop() as self.stop:
@@ -256,7 +285,7 @@ class Trainer:
         stats = ray.get(self.actors.buffer.stats.remote())
         summary = {
             "steps": self.step, "policy_version": self.version, "wall_s": self._elapsed(),
-            "interrupted_at": interrupted_at,
+            "interrupted_at": interrupted_at, "recovered_requests": dict(self.recovered),
             "pairs_added": self.pairs_added, "buffer": stats,
             "sampler_versions": ray.get([s.version.remote() for s in self.actors.samplers]),
             "teachers": self.actors.teachers.stats(),
