@@ -75,12 +75,14 @@ class OnlineProducer:
         self.in_flight: dict = {}  # add ref -> request (dict: sampler, gen, pair, epoch, reqs, seed)
         self.per_sampler = [0] * len(actors.samplers)
         self.sent = 0
+        self.taken = 0  # prompts taken since the trainer last counted them
         self.recovered = recovered if recovered is not None else {"sampler": 0, "teacher": 0}
 
     def top_up(self, version: int) -> None:
         for i in range(len(self.actors.samplers)):
             while self.per_sampler[i] < self.cfg.sampler.max_in_flight:
                 epoch, reqs = self.stream.take(self.cfg.sampler.prompts_per_request)
+                self.taken += len(reqs)
                 self._send({"sampler": i, "epoch": epoch, "reqs": reqs,
                             "seed": self.cfg.run.seed * 1_000_003 + self.sent})
                 self.per_sampler[i] += 1
@@ -133,6 +135,7 @@ class OfflineProducer:
         self.chunk = cfg.sampler.prompts_per_request
         self.epoch, self.pos = epoch, pos
         self.in_flight: dict = {}
+        self.taken = 0  # counts prompts of the online stream only
 
     def top_up(self, version: int) -> None:
         while len(self.in_flight) < 2:
@@ -183,14 +186,14 @@ class Trainer:
         self.step = self.version = self.phase_index = self.phase_step = self.pairs_added = 0
         self.producer_state: dict = {}
         self.recovered = {"sampler": 0, "teacher": 0}  # requests re-sent after an actor died
+        self.prompts_requested = 0  # online prompts taken from the stream (all of them end up consumed)
         self.elapsed_before = 0.0
         self.sync_seconds = 0.0
 
     # -- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self, producer) -> Path:
-        for ref in producer.pending():  # drain: everything taken is in the buffer
-            self.pairs_added += producer.complete(ref)
+        self._drain(producer)  # everything taken is in the buffer
         root = self.run_dir / "checkpoints"
         final = root / f"step-{self.step:06d}"
         tmp = root / f".tmp-step-{self.step:06d}"
@@ -202,6 +205,7 @@ class Trainer:
             self.actors.learners.save_hf(str(tmp / "hf"), self.prep.student_path)
         state = {"step": self.step, "version": self.version, "phase_index": self.phase_index,
                  "phase_step": self.phase_step, "pairs_added": self.pairs_added,
+                 "prompts_requested": self.prompts_requested,
                  "producer": producer.state(), "elapsed_s": self._elapsed(),
                  "metrics_rows": self.step, "consumed_lines": _count_lines(self.consumed)}
         (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
@@ -216,7 +220,7 @@ class Trainer:
         state = json.loads((ckpt / "driver_state.json").read_text())
         self.actors.learners.load_checkpoint(str(ckpt / "learner"))
         ray.get(self.actors.buffer.load.remote(str(ckpt / "buffer.parquet")))
-        for key in ("step", "version", "phase_index", "phase_step", "pairs_added"):
+        for key in ("step", "version", "phase_index", "phase_step", "pairs_added", "prompts_requested"):
             setattr(self, key, state[key])
         self.producer_state, self.elapsed_before = state["producer"], state["elapsed_s"]
         _truncate_lines(self.log.path, state["metrics_rows"])
@@ -263,8 +267,7 @@ class Trainer:
                     return self._summary(interrupted_at=str(ckpt))
                 if every and self.step % every == 0:
                     self.save_checkpoint(producer)
-            for ref in producer.pending():
-                self.pairs_added += producer.complete(ref)
+            self._drain(producer)
             self.phase_index, self.phase_step, self.producer_state = self.phase_index + 1, 0, {}
             if self.phase_index < len(self.phases):
                 ray.get(self.actors.buffer.clear.remote())  # rows of one phase's kind never leak into the next
@@ -286,6 +289,7 @@ class Trainer:
         summary = {
             "steps": self.step, "policy_version": self.version, "wall_s": self._elapsed(),
             "interrupted_at": interrupted_at, "recovered_requests": dict(self.recovered),
+            "prompts_requested": self.prompts_requested,
             "pairs_added": self.pairs_added, "buffer": stats,
             "sampler_versions": ray.get([s.version.remote() for s in self.actors.samplers]),
             "teachers": self.actors.teachers.stats(),
@@ -298,6 +302,14 @@ class Trainer:
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _drain(self, producer) -> None:
+        """Wait for every request in flight (and any re-sent after a failure) to land."""
+        while producer.pending():
+            done, _ = ray.wait(producer.pending(), num_returns=1)
+            self.pairs_added += producer.complete(done[0])
+        self.prompts_requested += producer.taken
+        producer.taken = 0
 
     def _train_step(self, producer, phase: PhaseConfig, bar) -> None:
         cfg, actors = self.cfg, self.actors
@@ -373,6 +385,8 @@ class GracefulStop:
 
 class _Drained:
     """Stands in for a producer at the end of the run, when nothing is in flight."""
+
+    taken = 0
 
     def pending(self) -> list:
         return []
