@@ -1,73 +1,163 @@
 """Learner: one DeepSpeed rank training the student on replay-buffer batches.
 
 The training maths lives in ``kd.objective``; this actor owns the DeepSpeed engine (ZeRO stage from
-the config, gloo on CPU, NCCL on GPU), the LR schedule, and gathering full weights for the samplers.
+the config or a DeepSpeed JSON, gloo on CPU, NCCL on GPU), gradient accumulation, the LR schedule,
+optional LoRA (peft), checkpoints, and handing out full weights (merged under LoRA) for the samplers.
+
+Life cycle (driven by ``LearnerGroup``): ``__init__`` loads the model (all ranks in parallel),
+``address()`` on rank 0 gives the rendezvous, ``setup(addr, port)`` on every rank joins the group
+and builds the engine. Every method that gathers or reduces is a collective: call it on every rank,
+in the same order (Ray runs an actor's calls in submission order).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import time
 
 import torch
 
+CHECKPOINT_TAG = "ds"  # DeepSpeed's files go to <path>/ds/, its pointer to <path>/latest
 
-def deepspeed_config(lcfg, micro_batch: int) -> dict:
-    """The DeepSpeed config for a ``LearnerConfig`` (a JSON file given in the config wins)."""
-    if lcfg.deepspeed_config:
-        import json
 
-        with open(lcfg.deepspeed_config) as f:
-            return json.load(f)
-    cfg = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+def resolve_bf16(mode: str) -> bool:
+    """``learner.bf16``: 'auto' is on where a CUDA GPU supports bf16; 'on' there or an error."""
+    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if mode == "on" and not supported:
+        raise ValueError("learner.bf16='on': this learner has no CUDA GPU with bf16 support (DeepSpeed's "
+                         "bf16 path needs one); use 'auto' (bf16 where supported) or 'off'")
+    return supported if mode == "auto" else mode == "on"
+
+
+def deepspeed_config(lcfg, world_size: int, bf16: bool) -> dict:
+    """The DeepSpeed config for a ``LearnerConfig``. A JSON given in ``learner.deepspeed_config`` is
+    the base: its keys win, and keys it lacks or sets to "auto" come from the LearnerConfig."""
+    gas = lcfg.grad_accum_steps
+    ours: dict = {
+        "train_micro_batch_size_per_gpu": max(1, lcfg.batch_size // (world_size * gas)),
+        "gradient_accumulation_steps": gas,
         "zero_optimization": {"stage": lcfg.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if lcfg.grad_clip > 0:
-        cfg["gradient_clipping"] = lcfg.grad_clip
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        cfg["bf16"] = {"enabled": True}
+        ours["gradient_clipping"] = lcfg.grad_clip
+    if bf16:
+        ours["bf16"] = {"enabled": True}
+    if not lcfg.deepspeed_config:
+        return ours
+    with open(lcfg.deepspeed_config) as f:
+        cfg = json.load(f)
+    for key, value in ours.items():
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+    if cfg.get("train_batch_size") == "auto":
+        del cfg["train_batch_size"]  # DeepSpeed derives it from micro batch x accumulation x ranks
     return cfg
+
+
+def split_rows(num_rows: int, rank: int, world_size: int, micro_batches: int) -> list[list[int]]:
+    """This rank's rows (``rank::world_size``) in ``micro_batches`` consecutive parts (some may be
+    empty when the batch is small)."""
+    mine = list(range(rank, num_rows, world_size))
+    return [mine[i * len(mine) // micro_batches:(i + 1) * len(mine) // micro_batches]
+            for i in range(micro_batches)]
+
+
+def _summed_metrics() -> set[str]:
+    """Metrics that are already normalised by GLOBAL counts (a rank's micro-batch contributes a part
+    of them): they add up over micro-batches and ranks. The rest are batch means: row-weighted."""
+    from kd.losses import DIVERGENCES
+
+    return {"loss", "lm_loss", "dpkd_token_loss", "pg_loss", *(f"{k}_loss" for k in DIVERGENCES)}
 
 
 class Learner:
     """Ray actor (named ``learner-<rank>``)."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                 model_path: str, learner_cfg, loss_cfg, seed: int = 0):
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    def __init__(self, rank: int, world_size: int, model_path: str, learner_cfg, loss_cfg, seed: int = 0):
         torch.set_num_threads(learner_cfg.torch_threads)
         torch.manual_seed(seed)
-        import deepspeed
+        random.seed(seed)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.rank, self.world_size = rank, world_size
         self.lcfg, self.loss_cfg = learner_cfg, loss_cfg
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        self.bf16 = resolve_bf16(learner_cfg.bf16)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         model.config.use_cache = False
         tok = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        optim = torch.optim.AdamW(model.parameters(), lr=learner_cfg.lr,
-                                  weight_decay=learner_cfg.weight_decay)
-        warmup = learner_cfg.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            optim, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
-        micro = learner_cfg.batch_size // world_size
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optim, lr_scheduler=sched,
-            config=deepspeed_config(learner_cfg, micro))
+        self.lora = learner_cfg.lora is not None
+        if self.lora:
+            model = _with_lora(model, learner_cfg.lora)
+        self.model = model
+        self.engine = None
+        self.scheduler = None
         self.steps = 0
+        self._weight_group = None
+        self._weight_store = None
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port on it: the group's rendezvous (asked of rank 0)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the data-parallel group and build the DeepSpeed engine (all ranks together)."""
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        ds_cfg = deepspeed_config(self.lcfg, self.world_size, self.bf16)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        kwargs: dict = {"model": self.model, "model_parameters": trainable, "config": ds_cfg}
+        if "optimizer" not in ds_cfg:
+            kwargs["optimizer"] = torch.optim.AdamW(trainable, lr=self.lcfg.lr,
+                                                    weight_decay=self.lcfg.weight_decay)
+            if "scheduler" not in ds_cfg:
+                warmup = self.lcfg.warmup_steps
+                kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(**kwargs)
+        self.zero3 = self.engine.zero_optimization_stage() == 3
+        self.model = None  # the engine owns it now
+        return self.rank
 
     def ready(self) -> int:
         return self.rank
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def info(self) -> dict:
+        """What this rank runs: for tests and the run's log."""
+        params = list(self.engine.module.parameters())
+        numel = [getattr(p, "ds_numel", p.numel()) for p in params]
+        return {"rank": self.rank, "world_size": self.world_size, "steps": self.steps,
+                "zero_stage": self.engine.zero_optimization_stage(), "bf16": self.bf16, "lora": self.lora,
+                "grad_accum_steps": self.engine.gradient_accumulation_steps(),
+                "trainable_params": sum(n for n, p in zip(numel, params) if p.requires_grad),
+                "total_params": sum(numel)}
+
+    # -- training --------------------------------------------------------------------------------
+
     def _global_counts(self, table) -> tuple[int, dict]:
+        """Pairs and response tokens of the WHOLE step's batch, over all ranks (the denominators)."""
         import torch.distributed as dist
 
         local = torch.tensor([table.num_rows,
@@ -80,54 +170,209 @@ class Learner:
         return pairs, {"chosen": c, "rejected": r}
 
     def train_step(self, table, loss_cfg=None) -> dict:
-        """One optimiser step on this rank's share of ``table`` (rows ``rank::world_size``)."""
+        """One optimiser step on this rank's rows of ``table`` (``rank::world_size``), in
+        ``gradient_accumulation_steps`` micro-batches, with ``loss_cfg`` (a ``LossConfig``; default
+        the one given at start: a schedule's phases may each have their own).
+
+        Every micro-batch's loss is normalised by the global counts of the whole step (all ranks, all
+        micro-batches), so the micro-batch gradients add up to the full batch's gradient; hence
+        ``backward(scale_wrt_gas=False)``: DeepSpeed would otherwise divide each by the accumulation
+        steps a second time. DeepSpeed averages gradients over ranks; ``compute_loss`` multiplies by
+        the world size to undo that. Net: K ranks x G micro-batches take the same step as one rank
+        on the whole batch in one go.
+        """
         from kd.objective import compute_loss
 
+        if table.num_rows == 0:
+            raise ValueError("train_step got an empty batch")
         t = time.perf_counter()
-        if self.world_size > 1:
-            table = table.take(list(range(self.rank, table.num_rows, self.world_size)))
-        pairs, tokens = self._global_counts(table)
+        gas = self.engine.gradient_accumulation_steps()
+        parts = split_rows(table.num_rows, self.rank, self.world_size, gas)
+        mine = table.take([i for p in parts for i in p]) if self.world_size > 1 else table
+        pairs, tokens = self._global_counts(mine)
         self.engine.train()
-        loss, metrics = compute_loss(self.engine, table, loss_cfg or self.loss_cfg, self.pad_id, pairs, tokens,
-                                     self.world_size)
-        self.engine.backward(loss)
-        self.engine.step()
+        sums: dict[str, list[float]] = {}  # key -> [value sum, weight]
+        summed = _summed_metrics()
+        grad_norm = None
+        for rows in parts:
+            # An empty part still runs a forward/backward (on row 0, weight 0): under ZeRO-3 every
+            # rank must run the same number of forwards, as each gathers parameters collectively.
+            micro = table.take(rows or [0])
+            loss, metrics = compute_loss(self.engine, micro, loss_cfg or self.loss_cfg, self.pad_id, pairs,
+                                         tokens, self.world_size)
+            self.engine.backward(loss if rows else loss * 0.0, scale_wrt_gas=False)
+            if self.engine.is_gradient_accumulation_boundary():
+                grad_norm = self._plain_grad_norm()
+            self.engine.step()  # DeepSpeed updates only at the accumulation boundary
+            if rows:
+                for k, v in metrics.items():
+                    w = 1.0 if k in summed else len(rows)
+                    acc = sums.setdefault(k, [0.0, 0.0])
+                    acc[0] += v * w
+                    acc[1] += w
         self.steps += 1
+        metrics = self._reduce_metrics(sums, summed)
         versions = [v for v in table.column("policy_version").to_pylist() if v >= 0]
-        metrics.update(lr=self.scheduler.get_last_lr()[0], grad_norm=_grad_norm(self.engine),
+        metrics.update(lr=self._lr(), grad_norm=_grad_norm(self.engine, grad_norm),
                        train_step_s=time.perf_counter() - t,
                        batch_policy_version=sum(versions) / len(versions) if versions else 0.0)
         return metrics
 
-    def get_weights(self) -> dict | None:
-        """The full state dict on rank 0 (None elsewhere). Every rank must call it under ZeRO-3,
-        where gathering the partitioned parameters is a collective."""
-        module = self.engine.module
-        if self.lcfg.zero_stage == 3:
-            from deepspeed.runtime.zero import GatheredParameters
+    def _reduce_metrics(self, sums: dict, summed: set) -> dict:
+        """Metrics of the whole step: global sums for the globally normalised ones, row-weighted means
+        for the rest (a collective when K > 1)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
 
-            with GatheredParameters(list(module.parameters()), modifier_rank=None):
-                sd = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} \
-                    if self.rank == 0 else None
-            return sd
-        if self.rank != 0:
+            every: list = [None] * self.world_size
+            dist.all_gather_object(every, sums)
+            sums = {}
+            for part in every:
+                for k, (v, w) in part.items():
+                    acc = sums.setdefault(k, [0.0, 0.0])
+                    acc[0] += v
+                    acc[1] += w
+        return {k: v if k in summed else v / max(w, 1e-12) for k, (v, w) in sums.items()}
+
+    def _plain_grad_norm(self) -> float | None:
+        """The (all-reduced, pre-clipping) gradient norm where DeepSpeed does not record one: ZeRO
+        stage 0 without a mixed-precision optimizer."""
+        if self.engine.zero_optimization_stage() != 0 or self.bf16:
             return None
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    def _lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def get_weights(self) -> dict | None:
+        """The full HF-named state dict on rank 0 (merged under LoRA; None on other ranks). A
+        collective under ZeRO-3: every rank must call it."""
+        from actors.weight_sync import iter_full_weights
+
+        mat = self.rank == 0
+        # Views of CPU parameters are returned as they are: Ray copies the return value into the object
+        # store before this actor runs its next call, so one copy fewer. Gathered ZeRO-3 tensors are
+        # freed when their gather ends, and GPU tensors must come to the CPU: those are copied here.
+        copy = self.zero3 or next(self.engine.module.parameters()).device.type != "cpu"
+        sd = {name: t.to("cpu", copy=True) if copy else t for name, t in
+              iter_full_weights(self.engine.module, self.zero3, materialize=mat)}
+        return sd if mat else None
+
+    def weight_meta(self) -> list:
+        from actors.weight_sync import weight_meta
+
+        return weight_meta(self.engine.module)
+
+    def open_weight_group(self, world_size: int) -> tuple[str, int]:
+        """Rank 0: start the broadcast group's store; returns its (host, port)."""
+        from actors.weight_sync import BroadcastGroup
+
+        self._weight_store, host, port = BroadcastGroup.open_store(world_size)
+        return host, port
+
+    def join_weight_group(self, world_size: int, backend: str) -> int:
+        """Rank 0 joins the broadcast group as its rank 0 (other ranks have nothing to join)."""
+        from actors.weight_sync import BroadcastGroup
+
+        if self.rank == 0:
+            self._weight_group = BroadcastGroup(self._weight_store, 0, world_size, backend)
+        return self.rank
+
+    def broadcast_weights(self, plan: list) -> int:
+        """Broadcast the full weights bucket by bucket (rank 0); every rank iterates for the ZeRO-3
+        gathers. Returns the bytes sent."""
+        from actors.weight_sync import broadcast_buckets, iter_full_weights, weight_meta
+
+        module = self.engine.module
+        if self.rank != 0:
+            for _ in iter_full_weights(module, self.zero3, materialize=False):
+                pass
+            return 0
+        return broadcast_buckets(self._weight_group, iter_full_weights(module, self.zero3),
+                                 weight_meta(module), plan)
 
     def save_hf(self, path: str, tokenizer_src: str) -> str | None:
-        """Write the student in Hugging Face format (safetensors + tokenizer); rank 0 writes."""
+        """Write the student in Hugging Face format (safetensors + tokenizer; merged under LoRA, under
+        the base model's names); rank 0 writes, every rank must call it (ZeRO-3 gathers)."""
         from transformers import AutoTokenizer
+
+        from actors.weight_sync import hf_model
 
         sd = self.get_weights()
         if self.rank != 0:
             return None
-        self.engine.module.save_pretrained(path, state_dict=sd, safe_serialization=True)
+        hf_model(self.engine.module).save_pretrained(path, state_dict=sd, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(path)
         return path
 
+    # -- checkpoints -----------------------------------------------------------------------------
 
-def _grad_norm(engine) -> float:
+    def save_checkpoint(self, path: str) -> str:
+        """Save this rank's share of a resumable checkpoint under ``path`` (every rank, together):
+        DeepSpeed's module, optimizer and LR-scheduler state, plus this rank's step counter and RNG
+        states. ``path`` must be one directory every rank can reach (a shared file system when the
+        learners span nodes)."""
+        os.makedirs(path, exist_ok=True)
+        self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state={"learner_steps": self.steps})
+        state = {"steps": self.steps, "rng": _rng_state(), "world_size": self.world_size}
+        torch.save(state, os.path.join(path, CHECKPOINT_TAG, f"learner_rank{self.rank}.pt"))
+        return path
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore what ``save_checkpoint`` wrote (every rank, together); returns the step counter."""
+        own = os.path.join(path, CHECKPOINT_TAG, f"learner_rank{self.rank}.pt")
+        if not os.path.isfile(own):
+            raise FileNotFoundError(f"{path}: no learner checkpoint for rank {self.rank} ({own} is missing)")
+        state = torch.load(own, weights_only=False)
+        if state["world_size"] != self.world_size:  # ZeRO partitions and RNG streams are per rank
+            raise ValueError(f"{path}: saved by {state['world_size']} learners, loading into "
+                             f"{self.world_size} (set learner.num_learners={state['world_size']})")
+        load_path, _ = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{CHECKPOINT_TAG}")
+        self.steps = state["steps"]
+        _set_rng_state(state["rng"])
+        return self.steps
+
+
+def _with_lora(model, lcfg):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("learner.lora needs peft: pip install 'raykd[lora]'") from e
+    cfg = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                     target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:  # peft's message names the modules it did not find
+        raise ValueError(f"learner.lora.target_modules={list(lcfg.target_modules)}: {e}") from e
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _grad_norm(engine, fallback: float | None) -> float:
     norm = engine.get_global_grad_norm()
     if norm is None:
-        return float("nan")
+        return float("nan") if fallback is None else fallback
     return float(norm.item() if hasattr(norm, "item") else norm)

@@ -92,7 +92,8 @@ class TeacherPool:
     def __init__(self, num_replicas: int, actor_options: dict, **worker_kwargs):
         remote = ray.remote(TeacherWorker)
         self.workers = [
-            remote.options(name=f"teacher-{i}", **actor_options).remote(i, **worker_kwargs)
+            # Ray restarts a dead replica; the driver re-sends its failed requests (max_task_retries=0)
+            remote.options(name=f"teacher-{i}", max_restarts=-1, **actor_options).remote(i, **worker_kwargs)
             for i in range(num_replicas)
         ]
         self.in_flight = [0] * num_replicas

@@ -26,18 +26,25 @@ def engine_opts(ecfg, cfg: Config, max_new_tokens: int) -> dict:
     }
 
 
+def actor_demands(cfg: Config) -> list[tuple[str, dict[str, float]]]:
+    """``(actor name, resources it needs on ONE node)`` for every teacher, sampler and learner."""
+    out = []
+    for label, n, section in (("teacher", cfg.teacher.num_replicas, cfg.teacher.engine),
+                              ("sampler", cfg.sampler.num_replicas, cfg.sampler.engine),
+                              ("learner", cfg.learner.num_learners, cfg.learner)):
+        demand = {"CPU": float(section.num_cpus), "GPU": float(section.num_gpus),
+                  **{k: float(v) for k, v in section.resources.items()}}
+        demand = {k: v for k, v in demand.items() if v > 0}
+        out += [(f"{label}-{i}", demand) for i in range(n)]
+    return out
+
+
 def requested_resources(cfg: Config) -> dict[str, float]:
     """Total Ray resources the run's actors declare (CPU, GPU and custom node-type resources)."""
     need: dict[str, float] = {"CPU": 0.0, "GPU": 0.0}
-    for n, section in ((cfg.teacher.num_replicas, cfg.teacher.engine),
-                       (cfg.sampler.num_replicas, cfg.sampler.engine),
-                       (cfg.learner.num_learners, cfg.learner)):
-        for key, value in _options(section).items():
-            if key == "resources":
-                for name, amount in value.items():
-                    need[name] = need.get(name, 0.0) + n * amount
-            else:
-                need[{"num_cpus": "CPU", "num_gpus": "GPU"}[key]] += n * value
+    for _, demand in actor_demands(cfg):
+        for key, amount in demand.items():
+            need[key] = need.get(key, 0.0) + amount
     return need
 
 
@@ -60,18 +67,85 @@ def start_ray(cfg: Config) -> bool:
     return True
 
 
-def check_resources(cfg: Config) -> None:
-    """Fail fast, before any actor starts, when the cluster cannot hold the configured actors."""
-    check_resources_for(requested_resources(cfg))
+def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) -> None:
+    """Fail fast, before any actor starts, when the cluster cannot hold the configured actors: in
+    total, or because some actor fits on no single node, or because the actors cannot all be packed
+    onto the nodes at once. ``nodes``: each node's total resources (default: the alive Ray nodes)."""
+    if nodes is None:
+        nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    problems = placement_problems(actor_demands(cfg), nodes)
+    if problems:
+        raise ResourceError(f"the cluster cannot place this run: {'; '.join(problems)}; lower teacher/"
+                            "sampler replicas, learner.num_learners or their num_cpus/num_gpus/resources, "
+                            "or add nodes")
 
 
-def check_resources_for(need: dict[str, float]) -> None:
-    have = ray.cluster_resources()
-    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+def placement_problems(demands: list[tuple[str, dict[str, float]]], nodes: list[dict[str, float]],
+                       max_search: int = 200_000) -> list[str]:
+    """Why ``demands`` (one bundle per actor, each on one node) cannot be placed on ``nodes`` (total
+    resources per node); empty when they can, or when the search for a packing gives up undecided."""
+    keys = sorted({k for _, d in demands for k in d})
+    have = {k: sum(n.get(k, 0.0) for n in nodes) for k in keys}
+    need = {k: sum(d.get(k, 0.0) for _, d in demands) for k in keys}
+    short = [f"{k}: requested {need[k]:g}, available {have[k]:g}" for k in keys if need[k] > have[k] + 1e-9]
     if short:
-        detail = "; ".join(f"{k}: requested {v:g}, available {a:g}" for k, (v, a) in short.items())
-        raise ResourceError(f"the cluster cannot place this run ({detail}); lower teacher/sampler "
-                            "replicas, learner.num_learners or their num_cpus/num_gpus")
+        return short
+    caps = [tuple(n.get(k, 0.0) for k in keys) for n in nodes]
+    problems = []
+    seen: set = set()
+    for name, d in demands:
+        want = tuple(d.get(k, 0.0) for k in keys)
+        if want not in seen and not any(_fits(want, c) for c in caps):
+            seen.add(want)
+            largest = {k: max(c[i] for c in caps) if caps else 0.0 for i, k in enumerate(keys) if want[i] > 0}
+            problems.append(f"{name} requests {_fmt(dict(zip(keys, want)), drop_zero=True)} on one node, "
+                            f"available per node at most {_fmt(largest)} ({len(caps)} nodes)")
+    if problems:
+        return problems
+    wants = sorted((tuple(d.get(k, 0.0) for k in keys) for _, d in demands), reverse=True)
+    if _pack(wants, list(caps), max_search) is False:
+        per_node = ", ".join(_fmt(dict(zip(keys, c))) for c in caps)
+        return [f"{len(wants)} actors requesting {_fmt(need)} in all do not fit together on the nodes "
+                f"({per_node}) although the totals do"]
+    return []
+
+
+def _fits(want: tuple, cap: tuple) -> bool:
+    return all(w <= c + 1e-9 for w, c in zip(want, cap))
+
+
+def _pack(wants: list[tuple], caps: list[tuple], budget: int) -> bool | None:
+    """Depth-first search for a placement: True found, False none exists, None gave up."""
+    steps = 0
+
+    def place(i: int, start: int) -> bool | None:
+        nonlocal steps
+        if i == len(wants):
+            return True
+        tried: set = set()
+        undecided = False
+        # an actor identical to the previous one goes on the same or a later node (no mirror images)
+        for j in range(start if i and wants[i] == wants[i - 1] else 0, len(caps)):
+            if caps[j] in tried or not _fits(wants[i], caps[j]):
+                continue
+            tried.add(caps[j])
+            steps += 1
+            if steps > budget:
+                return None
+            old = caps[j]
+            caps[j] = tuple(c - w for c, w in zip(old, wants[i]))
+            found = place(i + 1, j)
+            caps[j] = old
+            if found:
+                return True
+            undecided |= found is None
+        return None if undecided else False
+
+    return place(0, 0)
+
+
+def _fmt(res: dict, drop_zero: bool = False) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items()) if v or not drop_zero) + "}"
 
 
 def _options(section) -> dict:
@@ -94,6 +168,8 @@ class RunActors:
     def shutdown(self) -> None:
         for actor in self.all():
             ray.kill(actor, no_restart=True)
+        if hasattr(self.learners, "shutdown"):
+            self.learners.shutdown()  # also frees the learners' placement group
 
 
 def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActors:
@@ -117,14 +193,13 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
     )
     sampler_cls = ray.remote(StudentSampler)
     samplers = [
-        sampler_cls.options(name=f"sampler-{i}", **_options(s.engine)).remote(
-            i, student_path, resolve_backend(s.engine.backend), engine_opts(s.engine, cfg, s.max_new_tokens),
+        sampler_cls.options(name=f"sampler-{i}", max_restarts=-1, **_options(s.engine)).remote(
+            i, student_path, resolve_backend(s.engine.backend), engine_opts(s.engine, cfg, max(s.max_new_tokens, cfg.eval.max_new_tokens)),
             {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p})
         for i in range(s.num_replicas)
     ]
-    learners = LearnerGroup(cfg.learner.num_learners,
-                            _options(cfg.learner),
-                            student_path, cfg.learner, cfg.loss, cfg.run.seed)
+    learners = LearnerGroup(cfg.learner.num_learners, _options(cfg.learner), student_path, cfg.learner,
+                            cfg.loss, cfg.run.seed, placement_strategy=cfg.learner.placement_strategy)
     ray.get([buffer.ready.remote(), *teachers.ready_refs(), *[x.ready.remote() for x in samplers],
              *learners.ready_refs()])
     return RunActors(buffer, teachers, samplers, learners)

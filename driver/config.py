@@ -156,6 +156,10 @@ class PhaseConfig:
 @dataclass
 class SyncConfig:
     every_steps: int = 2
+    # object_store: rank 0's weights go into the Ray object store once, every sampler loads them;
+    # broadcast: a process group between rank 0 and the samplers (NCCL on GPU), in buckets
+    mode: Literal["object_store", "broadcast"] = "object_store"
+    bucket_mb: int = 256
 
 
 @dataclass
@@ -319,6 +323,7 @@ def validate(cfg: Config) -> Config:
         "learner.max_steps": cfg.learner.max_steps,
         "learner.torch_threads": cfg.learner.torch_threads,
         "sync.every_steps": cfg.sync.every_steps,
+        "sync.bucket_mb": cfg.sync.bucket_mb,
         "learner.grad_accum_steps": cfg.learner.grad_accum_steps,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "eval.limit": cfg.eval.limit,
@@ -388,6 +393,8 @@ def validate(cfg: Config) -> Config:
                    "or an online phase)")
         else:
             _check(ph.data is None, f"{where}.data", ph.data, "online phases sample their own data")
+    if cfg.learner.bf16 == "on":
+        _check(cfg.learner.num_gpus > 0, "learner.bf16", "on", "needs learner.num_gpus > 0 (bf16 here is GPU-only)")
     if cfg.learner.lora is not None:
         _check(cfg.learner.lora.r > 0, "learner.lora.r", cfg.learner.lora.r, "must be a positive integer")
         _check(bool(cfg.learner.lora.target_modules), "learner.lora.target_modules",

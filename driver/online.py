@@ -47,11 +47,13 @@ class PromptStream:
 
     def take(self, n: int) -> tuple[int, list[dict]]:
         """(epoch of the first prompt, n prompts); an epoch boundary may fall inside a batch."""
-        epoch, out = self.epoch, []
+        out, epoch = [], None
         while len(out) < n:
             if self.pos == len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._order_for(self.epoch)
+            if epoch is None:
+                epoch = self.epoch  # the epoch of the first prompt, after any roll-over
             out.append(self.requests[self._order[self.pos]])
             self.pos += 1
         return epoch, out
@@ -177,7 +179,7 @@ class Trainer:
         self.cfg, self.prep, self.actors = cfg, prep, actors
         self.run_dir = prep.run_dir
         self.phases: list[PhaseConfig] = cfg.phases()
-        self.sync = WeightSync(actors.learners, actors.samplers)
+        self.sync = WeightSync(actors.learners, actors.samplers, mode=cfg.sync.mode, bucket_mb=cfg.sync.bucket_mb)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.evaluator = evaluator
         self.last_eval: dict = {}

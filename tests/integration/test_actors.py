@@ -118,5 +118,4 @@ def test_learner_trains_and_exports_weights(tiny_models):
     w1 = ray_mod.get(group.weights_ref())
     assert set(w0) == set(w1)
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
-    for a in group.learners:
-        ray_mod.kill(a)
+    group.shutdown()
