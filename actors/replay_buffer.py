@@ -58,13 +58,14 @@ class BufferCore:
         """Rows that can be added now, counting consumed rows that may be evicted."""
         return self.capacity - int((self.uses == 0).sum())
 
-    def add(self, rows: pa.Table | pa.RecordBatch) -> int:
-        """Insert ``rows`` (must fit: call ``room()`` first); returns the number inserted."""
+    def add(self, rows: pa.Table | pa.RecordBatch, force: bool = False) -> int:
+        """Insert ``rows`` (must fit: call ``room()`` first, unless ``force``, which goes over
+        capacity when every held row is unconsumed); returns the number inserted."""
         if isinstance(rows, pa.RecordBatch):
             rows = pa.Table.from_batches([rows])
         if rows.num_rows == 0:
             return 0
-        if rows.num_rows > self.room():
+        if rows.num_rows > self.room() and not force:
             raise ValueError(f"{rows.num_rows} rows do not fit (room for {self.room()})")
         rows = rows.select(BUFFER_SCHEMA.names).cast(BUFFER_SCHEMA)
         overflow = len(self) + rows.num_rows - self.capacity
@@ -184,6 +185,7 @@ class ReplayBuffer:
         self.changed = asyncio.Condition()
         self.version = 0
         self.closed = False
+        self.overflow = False  # while the driver drains producers (no learner is consuming)
 
     async def add(self, rows: pa.Table, timeout: float | None = None) -> int:
         """Insert rows, waiting while the buffer is full of unconsumed rows (backpressure)."""
@@ -192,7 +194,7 @@ class ReplayBuffer:
             raise ValueError(f"{n} rows exceed buffer.capacity={self.core.capacity}")
         deadline = None if timeout is None else time.monotonic() + timeout
         async with self.changed:
-            while self.core.room() < n and not self.closed:
+            while self.core.room() < n and not self.closed and not self.overflow:
                 self.core.drop_stale(self.version)
                 if self.core.room() >= n:
                     break
@@ -205,7 +207,7 @@ class ReplayBuffer:
                     continue
             if self.closed:
                 return 0
-            added = self.core.add(rows)
+            added = self.core.add(rows, force=self.overflow)
             self.changed.notify_all()
             metrics.record_buffer(len(self.core))
             return added
@@ -235,6 +237,14 @@ class ReplayBuffer:
             self.core.drop_stale(self.version)
             self.changed.notify_all()
             metrics.record_buffer(len(self.core))
+
+    async def set_overflow(self, on: bool) -> None:
+        """While on, ``add`` never waits: rows beyond capacity are kept (consumed rows go first).
+        The driver turns it on to drain producers while no learner consumes (checkpoint, phase end),
+        where backpressure would otherwise wait forever."""
+        async with self.changed:
+            self.overflow = on
+            self.changed.notify_all()
 
     async def close(self) -> None:
         async with self.changed:

@@ -29,6 +29,8 @@ from typing import Callable, Iterator
 import ray
 import torch
 
+from actors.lifecycle import wait_alive
+
 # -- the learner's full weights ----------------------------------------------------------------
 
 
@@ -328,7 +330,7 @@ class WeightSync:
         if weights is None:
             weights = self.group.weights_ref()
             self._plan = None
-        self.resends.append(self.samplers[index].update_weights.remote(weights, version))
+        self.resends.append((index, self.samplers[index].update_weights.remote(weights, version)))
 
     def _setup_broadcast(self):
         if self._plan is None:
@@ -342,10 +344,21 @@ class WeightSync:
             self._plan = (meta, plan_buckets(meta, self.bucket_mb))
         return self._plan
 
+    def _get_or_resend(self, index: int, ref):
+        """A sampler's answer to a push; if it died meanwhile, wait for Ray's restart and give it the
+        last pushed weights again (object-store mode; in broadcast mode the error stands)."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError:
+            if self.mode != "object_store" or self._last is None:
+                raise
+            wait_alive(self.samplers[index])
+            return ray.get(self.samplers[index].update_weights.remote(*self._last))
+
     def wait(self) -> float:
         """Block until the last push reached every sampler; its duration in seconds."""
         if self.pending:
-            versions = ray.get(self.pending)
+            versions = [self._get_or_resend(i, ref) for i, ref in enumerate(self.pending)]
             ray.get(self.learner_pending)
             self.last_seconds = time.perf_counter() - self.started
             self.pending, self.learner_pending = [], []
@@ -353,5 +366,6 @@ class WeightSync:
                 raise RuntimeError(f"samplers report different versions after a sync: {versions}")
         if self.resends:
             refs, self.resends = self.resends, []
-            ray.get(refs)
+            for i, ref in refs:
+                self._get_or_resend(i, ref)
         return self.last_seconds

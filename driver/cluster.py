@@ -67,13 +67,16 @@ def start_ray(cfg: Config) -> bool:
     return True
 
 
-def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) -> None:
+def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None,
+                    roles: tuple[str, ...] = ("teacher", "sampler", "learner")) -> None:
     """Fail fast, before any actor starts, when the cluster cannot hold the configured actors: in
     total, or because some actor fits on no single node, or because the actors cannot all be packed
-    onto the nodes at once. ``nodes``: each node's total resources (default: the alive Ray nodes)."""
+    onto the nodes at once. ``nodes``: each node's total resources (default: the alive Ray nodes);
+    ``roles``: which actors this command starts (``raykd generate`` starts only teachers)."""
     if nodes is None:
         nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-    problems = placement_problems(actor_demands(cfg), nodes)
+    demands = [d for d in actor_demands(cfg) if d[0].rsplit("-", 1)[0] in roles]
+    problems = placement_problems(demands, nodes)
     if problems:
         raise ResourceError(f"the cluster cannot place this run: {'; '.join(problems)}; lower teacher/"
                             "sampler replicas, learner.num_learners or their num_cpus/num_gpus/resources, "
@@ -148,7 +151,7 @@ def _fmt(res: dict, drop_zero: bool = False) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items()) if v or not drop_zero) + "}"
 
 
-def _options(section) -> dict:
+def actor_options(section) -> dict:
     opts = {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus}
     if section.resources:
         opts["resources"] = dict(section.resources)
@@ -183,7 +186,7 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
         b.capacity, b.max_policy_lag, b.sampling, cfg.run.seed)
     teachers = TeacherPool(
         t.num_replicas,
-        _options(t.engine),
+        actor_options(t.engine),
         model_path=teacher_path,
         backend=resolve_backend(t.engine.backend),
         engine_opts=engine_opts(t.engine, cfg, t.max_new_tokens),
@@ -193,12 +196,12 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
     )
     sampler_cls = ray.remote(StudentSampler)
     samplers = [
-        sampler_cls.options(name=f"sampler-{i}", max_restarts=-1, **_options(s.engine)).remote(
+        sampler_cls.options(name=f"sampler-{i}", max_restarts=-1, **actor_options(s.engine)).remote(
             i, student_path, resolve_backend(s.engine.backend), engine_opts(s.engine, cfg, max(s.max_new_tokens, cfg.eval.max_new_tokens)),
             {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p})
         for i in range(s.num_replicas)
     ]
-    learners = LearnerGroup(cfg.learner.num_learners, _options(cfg.learner), student_path, cfg.learner,
+    learners = LearnerGroup(cfg.learner.num_learners, actor_options(cfg.learner), student_path, cfg.learner,
                             cfg.loss, cfg.run.seed, placement_strategy=cfg.learner.placement_strategy)
     ray.get([buffer.ready.remote(), *teachers.ready_refs(), *[x.ready.remote() for x in samplers],
              *learners.ready_refs()])

@@ -63,7 +63,7 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
 
     from actors.engines import resolve_backend
     from actors.teacher_pool import TeacherPool
-    from driver.cluster import check_resources_for, engine_opts, start_ray
+    from driver.cluster import actor_options, check_resources, engine_opts, start_ray
     from driver.prepare import build_requests
     from kd.data import load_prompts
     from kd.models import resolve_model
@@ -87,11 +87,9 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
     started = start_ray(cfg)
     t = cfg.teacher
     try:
-        check_resources_for({"CPU": t.num_replicas * t.engine.num_cpus,
-                             "GPU": t.num_replicas * t.engine.num_gpus})
+        check_resources(cfg, roles=("teacher",))
         pool = TeacherPool(
-            t.num_replicas, {"num_cpus": t.engine.num_cpus, "num_gpus": t.engine.num_gpus,
-                             **({"resources": dict(t.engine.resources)} if t.engine.resources else {})},
+            t.num_replicas, actor_options(t.engine),
             model_path=teacher_path, backend=resolve_backend(t.engine.backend),
             engine_opts=engine_opts(t.engine, cfg, t.max_new_tokens),
             sampling={"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p},

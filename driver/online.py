@@ -27,6 +27,7 @@ import ray
 
 from driver.cluster import check_resources, create_actors, start_ray
 from driver.config import Config, PhaseConfig
+from actors.lifecycle import wait_alive
 from actors.metrics import record_step
 from driver.monitoring import MetricsLog, ProgressBar
 from driver.prepare import Prepared
@@ -117,11 +118,14 @@ class OnlineProducer:
             ray.get(req["gen"])
         except ray.exceptions.RayActorError:  # the sampler died: Ray restarts it; it needs the weights
             self.recovered["sampler"] += 1
+            wait_alive(self.actors.samplers[req["sampler"]])
             if self.sync is not None:
                 self.sync.resend_to(req["sampler"])
             self._send(req)
             return
         self.recovered["teacher"] += 1  # the teacher died: its request goes to another replica
+        if len(self.actors.teachers.workers) == 1 and teacher is not None:
+            wait_alive(self.actors.teachers.workers[teacher])
         self._send(req, gen=req["gen"], avoid_teacher=teacher)
 
     def state(self) -> dict:
@@ -283,6 +287,8 @@ class Trainer:
         return self._summary()
 
     def _summary(self, interrupted_at: str | None = None) -> dict:
+        for actor in [*self.actors.teachers.workers, *self.actors.samplers]:
+            wait_alive(actor)  # one may still be restarting after a failure
         self.sync.wait()
         probe_after = _probe(self.actors, self.prep)
         final = self.run_dir / "final"
@@ -306,10 +312,14 @@ class Trainer:
         return summary
 
     def _drain(self, producer) -> None:
-        """Wait for every request in flight (and any re-sent after a failure) to land."""
-        while producer.pending():
-            done, _ = ray.wait(producer.pending(), num_returns=1)
-            self.pairs_added += producer.complete(done[0])
+        """Wait for every request in flight (and any re-sent after a failure) to land. No learner
+        consumes meanwhile, so the buffer may go over capacity instead of holding producers back."""
+        if producer.pending():
+            ray.get(self.actors.buffer.set_overflow.remote(True))
+            while producer.pending():
+                done, _ = ray.wait(producer.pending(), num_returns=1)
+                self.pairs_added += producer.complete(done[0])
+            ray.get(self.actors.buffer.set_overflow.remote(False))
         self.prompts_requested += producer.taken
         producer.taken = 0
 

@@ -119,3 +119,16 @@ def test_learner_trains_and_exports_weights(tiny_models):
     assert set(w0) == set(w1)
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
     group.shutdown()
+
+
+def test_buffer_overflow_mode_lets_blocked_producers_finish():
+    from actors.replay_buffer import ReplayBuffer
+
+    buf = ray_mod.remote(ReplayBuffer).options(max_concurrency=16).remote(4, 1)
+    ray_mod.get(buf.add.remote(_rows(4)))
+    blocked = buf.add.remote(_rows(3))
+    assert not ray_mod.wait([blocked], timeout=0.5)[0]
+    ray_mod.get(buf.set_overflow.remote(True))  # the driver drains with no learner consuming
+    assert ray_mod.get(blocked, timeout=10) == 3
+    assert ray_mod.get(buf.stats.remote())["size"] == 7
+    ray_mod.kill(buf)

@@ -50,3 +50,17 @@ def test_online_dpkd_end_to_end(tiny_models, tmp_path):
     assert all(r["policy_lag"] <= cfg.buffer.max_policy_lag for r in rows)
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert summary["pairs_added"] >= 6 * 4
+
+
+@pytest.mark.vllm
+def test_online_loop_with_vllm_samplers_and_teachers(tiny_models, tmp_path):
+    pytest.importorskip("vllm")
+    cfg = tiny_config(tiny_models, tmp_path, "teacher.engine.backend=vllm", "sampler.engine.backend=vllm",
+                      "learner.max_steps=4")
+    prep = prepare(cfg, str(tmp_path / "run"))
+    summary = run_online(cfg, prep, progress=False)
+    assert summary["steps"] == 4
+    assert summary["sampler_versions"] == [summary["policy_version"]] == [2]
+    assert summary["probe"]["after"] != summary["probe"]["before"]  # vLLM reloaded the new weights
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] is not None and r["reward_margin"] is not None for r in rows)

@@ -115,3 +115,13 @@ def test_clear_keeps_counters():
     b = BufferCore(capacity=10, max_policy_lag=2)
     b.add(rows(4))
     assert b.clear() == 4 and len(b) == 0 and b.stats()["inserted"] == 4
+
+
+def test_force_goes_over_capacity_only_when_asked():
+    b = BufferCore(capacity=4, max_policy_lag=5)
+    b.add(rows(4))
+    with pytest.raises(ValueError, match="do not fit"):
+        b.add(rows(2, start=4))
+    b.sample(1, 0)
+    assert b.add(rows(2, start=4), force=True) == 2  # evicts the consumed row, then goes over
+    assert len(b) == 5 and ids(b.table)[0] == "p1"
