@@ -66,7 +66,7 @@ class PrimingConfig:
 
 @dataclass
 class EngineConfig:
-    backend: Literal["auto", "hf", "vllm"] = "hf"
+    backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM wherever it is installed
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources (node types)

@@ -12,6 +12,7 @@ from driver.config import load_config
 from driver.online import run_online
 from driver.prepare import prepare
 
+HF = ["teacher.engine.backend=hf", "sampler.engine.backend=hf"]  # fast engines for tiny models
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
 
@@ -20,7 +21,7 @@ def config(tiny_models, *extra):
         f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
         "data.num_prompts=200", "teacher.max_new_tokens=6", "sampler.max_new_tokens=6",
         "teacher.top_k_logprobs=2", "sampler.prompts_per_request=2", "buffer.capacity=64",
-        "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=8",
+        "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=8", *HF,
         "learner.max_steps=10", *extra])
 
 

@@ -14,6 +14,7 @@ import yaml
 from driver.config import load_config
 from driver.offline import DatasetError, generate_dataset, read_dataset, shard_name
 
+HF = ["teacher.engine.backend=hf", "sampler.engine.backend=hf"]  # fast engines for tiny models
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
 
@@ -21,7 +22,7 @@ def gen_config(tiny_models, tmp_path, *overrides):
     return load_config(None, [
         f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
         "data.num_prompts=10", "teacher.max_new_tokens=6", "teacher.top_k_logprobs=4",
-        "sampler.prompts_per_request=2", "ray.num_cpus=6", *overrides])
+        "sampler.prompts_per_request=2", "ray.num_cpus=6", *HF, *overrides])
 
 
 def test_generate_writes_complete_shards_and_resumes(tiny_models, tmp_path):
@@ -56,7 +57,8 @@ def test_generate_resumes_after_a_kill(tiny_models, tmp_path):
     cfg_path = tmp_path / "gen.yaml"
     cfg_path.write_text(yaml.safe_dump({
         "models": {"teacher": tiny_models["teacher"], "student": tiny_models["student"]},
-        "data": {"num_prompts": 24}, "teacher": {"max_new_tokens": 6, "top_k_logprobs": 2},
+        "data": {"num_prompts": 24},
+        "teacher": {"max_new_tokens": 6, "top_k_logprobs": 2, "engine": {"backend": "hf"}},
         "sampler": {"prompts_per_request": 2}, "ray": {"num_cpus": 2}}))
     out = tmp_path / "ds"
     cmd = [sys.executable, "-m", "driver.cli", "generate", str(cfg_path), "--out", str(out),
@@ -90,7 +92,7 @@ def test_offline_then_online_schedule(tiny_models, tmp_path):
         f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
         "data.num_prompts=16", "teacher.max_new_tokens=6", "sampler.max_new_tokens=6",
         "teacher.top_k_logprobs=4", "sampler.prompts_per_request=4", "buffer.capacity=32",
-        "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=6",
+        "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=6", *HF,
         f"schedule=[{{kind: offline, steps: 3, data: '{ds}', loss: {{type: sft}}}}, "
         "{kind: online, steps: 2, loss: {type: dpkd}}]"])
     prep = prepare(cfg, str(tmp_path / "run"))

@@ -9,6 +9,7 @@ from driver.config import load_config
 from driver.online import run_online
 from driver.prepare import prepare
 
+HF = ["teacher.engine.backend=hf", "sampler.engine.backend=hf"]  # fast engines for tiny models
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
 
@@ -19,7 +20,7 @@ def tiny_config(tiny_models, tmp_path, *overrides):
         "data.num_prompts=24", "teacher.max_new_tokens=8", "sampler.max_new_tokens=8",
         "teacher.top_k_logprobs=4", "sampler.prompts_per_request=4", "buffer.capacity=64",
         "buffer.min_size_to_train=4", "learner.batch_size=4", "learner.max_steps=6", "learner.lr=5e-3",
-        "sync.every_steps=2", "ray.num_cpus=6", *overrides])
+        "sync.every_steps=2", "ray.num_cpus=6", *HF, *overrides])
 
 
 def test_online_dpkd_end_to_end(tiny_models, tmp_path):

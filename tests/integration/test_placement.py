@@ -74,6 +74,7 @@ def _scenario(models: dict) -> dict:
     out: dict = {}
     try:
         cfg = Config()
+        cfg.teacher.engine.backend = cfg.sampler.engine.backend = "hf"  # quick engines for tiny models
         cfg.teacher.engine.resources = {"raykd_inference": 1}
         cfg.sampler.engine.resources = {"raykd_inference": 1}
         cfg.learner.resources = {"raykd_learner": 1}

@@ -9,6 +9,7 @@ from driver.config import load_config
 from driver.online import latest_checkpoint, run_online
 from driver.prepare import prepare
 
+HF = ["teacher.engine.backend=hf", "sampler.engine.backend=hf"]  # fast engines for tiny models
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
 
@@ -17,7 +18,7 @@ def cfg_for(tiny_models, steps, *extra):
         f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
         "data.num_prompts=40", "teacher.max_new_tokens=6", "sampler.max_new_tokens=6",
         "teacher.top_k_logprobs=2", "sampler.prompts_per_request=4", "buffer.capacity=64",
-        "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=6",
+        "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=6", *HF,
         f"learner.max_steps={steps}", "checkpoint.every_steps=2", "checkpoint.keep_last=2", *extra])
 
 
