@@ -65,6 +65,18 @@ def check_same_tokenizer(teacher: Path, student: Path) -> None:
                          f"tokenizers (vocab {len(a)} vs {len(b)}); raykd needs a shared vocabulary")
 
 
+def check_context(cfg: Config, *model_dirs: str) -> None:
+    """Prompt plus response must fit every model's context window."""
+    from transformers import AutoConfig
+
+    longest = cfg.data.max_prompt_tokens + max(cfg.teacher.max_new_tokens, cfg.sampler.max_new_tokens)
+    for path in model_dirs:
+        ctx = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+        if ctx is not None and longest > ctx:
+            raise SetupError(f"data.max_prompt_tokens + max_new_tokens = {longest} > {path}'s context of "
+                             f"{ctx} tokens; lower data.max_prompt_tokens or teacher/sampler.max_new_tokens")
+
+
 def encode_chat(tok, system: str | None, user: str, use_template: bool) -> list[int]:
     if not use_template:
         return tok.encode(user if system is None else f"{system}\n\n{user}")
@@ -101,6 +113,7 @@ def prepare(cfg: Config, run_dir: str | None = None) -> Prepared:
     records = load_prompts(cfg.data.source, cfg.data.prompt_field, cfg.data.answer_field,
                            cfg.data.num_prompts, cfg.run.seed)
     teacher, student = prepare_models(cfg)
+    check_context(cfg, teacher, student)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(student)
