@@ -20,6 +20,8 @@ def engine_opts(ecfg, cfg: Config, max_new_tokens: int) -> dict:
     return {
         "dtype": cfg.models.dtype,
         "num_threads": ecfg.torch_threads,
+        "kv_cache_gb": ecfg.kv_cache_gb,
+        "gpu_memory_utilization": ecfg.gpu_memory_utilization,
         "max_logprobs": max(cfg.teacher.top_k_logprobs, 1),
         "max_model_len": cfg.data.max_prompt_tokens + max_new_tokens + 8,
         "seed": cfg.run.seed,

@@ -70,7 +70,9 @@ class EngineConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources (node types)
-    torch_threads: int = 1
+    torch_threads: int = 1  # CPU threads of the engine (vLLM on CPU too)
+    kv_cache_gb: float = 0.5  # vLLM on CPU: KV-cache size (GPU: gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.5  # vLLM on GPU
 
 
 @dataclass
@@ -343,6 +345,8 @@ def validate(cfg: Config) -> Config:
         "learner.num_gpus": cfg.learner.num_gpus,
         "teacher.top_k_logprobs": cfg.teacher.top_k_logprobs,
         "teacher.engine.num_cpus": cfg.teacher.engine.num_cpus,
+        "teacher.engine.kv_cache_gb": cfg.teacher.engine.kv_cache_gb,
+        "sampler.engine.kv_cache_gb": cfg.sampler.engine.kv_cache_gb,
         "sampler.engine.num_cpus": cfg.sampler.engine.num_cpus,
         "teacher.temperature": cfg.teacher.temperature,
         "sampler.temperature": cfg.sampler.temperature,
@@ -360,6 +364,9 @@ def validate(cfg: Config) -> Config:
            "must be in [0, 0.5)")
     _check(0 <= cfg.loss.jsd_beta <= 1, "loss.jsd_beta", cfg.loss.jsd_beta, "must be in [0, 1]")
     _check(0 <= cfg.loss.skew_alpha < 1, "loss.skew_alpha", cfg.loss.skew_alpha, "must be in [0, 1)")
+    for role in ("teacher", "sampler"):
+        v = getattr(cfg, role).engine.gpu_memory_utilization
+        _check(0 < v <= 1, f"{role}.engine.gpu_memory_utilization", v, "must be in (0, 1]")
     _check(0 < cfg.teacher.top_p <= 1, "teacher.top_p", cfg.teacher.top_p, "must be in (0, 1]")
     _check(0 < cfg.sampler.top_p <= 1, "sampler.top_p", cfg.sampler.top_p, "must be in (0, 1]")
     _check(cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", cfg.learner.zero_stage,

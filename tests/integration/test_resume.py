@@ -50,3 +50,41 @@ def test_latest_checkpoint_ignores_a_half_written_one(tmp_path):
     (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
     (tmp_path / "checkpoints" / ".tmp-step-000004").mkdir()
     assert latest_checkpoint(tmp_path).name == "step-000002"
+
+
+def test_sigint_checkpoints_and_resume_finishes(tiny_models, tmp_path):
+    """Ctrl-C on the driver: it finishes the step, checkpoints, shuts down (exit 130); --resume ends the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "models": {"teacher": tiny_models["teacher"], "student": tiny_models["student"]},
+        "data": {"num_prompts": 40}, "teacher": {"max_new_tokens": 6, "top_k_logprobs": 2, "engine": {"backend": "hf"}},
+        "sampler": {"max_new_tokens": 6, "prompts_per_request": 4, "engine": {"backend": "hf"}},
+        "buffer": {"capacity": 64}, "learner": {"batch_size": 4, "max_steps": 12}, "ray": {"num_cpus": 4}}))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "driver.cli", "train", str(cfg), "--no-progress"]
+    env = dict(os.environ, RAY_ADDRESS="")
+    proc = subprocess.Popen(cmd + ["--run-dir", str(run)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    stopped = len(metrics.read_text().splitlines())
+    assert 2 <= stopped < 12
+    assert latest_checkpoint(run).name == f"step-{stopped:06d}"
+
+    done = subprocess.run(cmd + ["--resume", str(run)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 13))
