@@ -47,7 +47,9 @@ class ModelsConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic_math"  # 'synthetic_math' or a .jsonl / .parquet file
+    # 'synthetic_math', a .jsonl / .parquet file, or 'hf:NAME[:CONFIG]:SPLIT' (Hugging Face datasets:
+    # a hub name when online, or a directory written by Dataset.save_to_disk)
+    source: str = "synthetic_math"
     prompt_field: str = "question"
     answer_field: str | None = "answer"
     num_prompts: int = 256  # synthetic_math only: how many problems to generate
@@ -384,9 +386,9 @@ def validate(cfg: Config) -> Config:
     if cfg.models.student is None and cfg.models.student_keep_layers is None:
         raise ConfigError("models.student=None: set models.student or models.student_keep_layers")
     src = cfg.data.source
-    if src != "synthetic_math":
+    if src != "synthetic_math" and not src.startswith("hf:"):
         _check(src.endswith((".jsonl", ".json", ".parquet")), "data.source", src,
-               "must be 'synthetic_math' or a .jsonl/.parquet file")
+               "must be 'synthetic_math', a .jsonl/.parquet file or hf:NAME[:CONFIG]:SPLIT")
     for i, ph in enumerate(cfg.schedule):
         where = f"schedule[{i}]"
         _check(ph.steps > 0, f"{where}.steps", ph.steps, "must be a positive integer")
@@ -418,7 +420,7 @@ def validate(cfg: Config) -> Config:
 def check_paths(cfg: Config) -> Config:
     """The files a config names exist (separate from ``validate`` so a config written for a cluster
     can be checked anywhere)."""
-    if cfg.data.source != "synthetic_math":
+    if cfg.data.source != "synthetic_math" and not cfg.data.source.startswith("hf:"):
         _check(Path(cfg.data.source).expanduser().is_file(), "data.source", cfg.data.source,
                "file does not exist")
     if cfg.eval.source != "synthetic_math":

@@ -165,10 +165,41 @@ def read_prompts(path: str | Path, prompt_field: str = "question", answer_field:
     return rows_to_records(iter_rows(path), prompt_field, answer_field, str(path))
 
 
+def read_hf_dataset(spec: str, prompt_field: str, answer_field: str | None) -> list[PromptRecord]:
+    """``hf:NAME[:CONFIG]:SPLIT`` through the ``datasets`` library: a hub dataset (needs network),
+    or ``hf:DIR`` / ``hf:DIR:SPLIT`` for a dataset (dict) saved with ``save_to_disk``."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"data.source={spec!r} needs the 'datasets' package: pip install datasets") from None
+    parts = spec[len("hf:"):].split(":")
+    local = Path(parts[0]).expanduser()
+    try:
+        if local.is_dir():
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                split = parts[1] if len(parts) > 1 else "train"
+                if split not in ds:
+                    raise DataError(f"{spec}: no split '{split}' (has: {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            if len(parts) < 2:
+                raise DataError(f"data.source={spec!r}: expected hf:NAME[:CONFIG]:SPLIT")
+            name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), parts[-1]
+            ds = datasets.load_dataset(name, config, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # the library's own errors (not found, offline, ...) in one line
+        raise DataError(f"{spec}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return rows_to_records(enumerate(ds, 1), prompt_field, answer_field, spec)
+
+
 def load_prompts(source: str, prompt_field: str, answer_field: str | None, num: int, seed: int):
     if source == "synthetic_math":
         rows = enumerate(synthetic_math(num, seed), 1)
         return rows_to_records(rows, "question", "answer", "synthetic_math")
+    if source.startswith("hf:"):
+        return read_hf_dataset(source, prompt_field, answer_field)
     return read_prompts(source, prompt_field, answer_field)
 
 

@@ -87,3 +87,16 @@ def test_buffer_schema_has_the_design_fields():
                  "rejected_topk_logps", "rejected_behaviour_logps", "policy_version", "created_at",
                  "reference_answer", "priming"]:
         assert name in BUFFER_SCHEMA.names
+
+
+def test_hugging_face_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    d = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"problem": ["What is 2+2?", "What is 3+3?"], "solution": ["#### 4", "#### 6"]})})
+    d.save_to_disk(str(tmp_path / "ds"))
+    recs = load_prompts(f"hf:{tmp_path / 'ds'}:train", "problem", "solution", 0, 0)
+    assert [(r.question, r.answer) for r in recs] == [("What is 2+2?", "4"), ("What is 3+3?", "6")]
+    with pytest.raises(DataError, match="field 'question' is missing"):
+        load_prompts(f"hf:{tmp_path / 'ds'}", "question", "answer", 0, 0)
+    with pytest.raises(DataError, match="no split 'test'"):
+        load_prompts(f"hf:{tmp_path / 'ds'}:test", "problem", "solution", 0, 0)
