@@ -184,7 +184,9 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
     from actors.teacher_pool import TeacherPool
 
     b, t, s = cfg.buffer, cfg.teacher, cfg.sampler
-    buffer = ray.remote(ReplayBuffer).options(name="replay-buffer", num_cpus=0, max_concurrency=64).remote(
+    # Ray restarts a dead buffer (empty); the driver reloads it from the last checkpoint
+    buffer = ray.remote(ReplayBuffer).options(name="replay-buffer", num_cpus=0, max_concurrency=64,
+                                              max_restarts=-1).remote(
         b.capacity, b.max_policy_lag, b.sampling, cfg.run.seed)
     teachers = TeacherPool(
         t.num_replicas,

@@ -63,6 +63,33 @@ class PromptStream:
         return {"epoch": self.epoch, "pos": self.pos}
 
 
+class BufferGuard:
+    """Brings the replay buffer back after Ray restarted it (empty): reloads the last checkpoint's
+    buffer, once per death however many requests saw it fail, and counts the rows that were added
+    since that save (the most that can have been lost)."""
+
+    def __init__(self, buffer, run_dir: Path):
+        self.buffer, self.run_dir = buffer, run_dir
+        self.generation = 0  # deaths recovered so far; requests remember the one they were sent in
+        self.restores = self.rows_lost = 0
+        self.rows_at_save = 0  # pairs added when the last checkpoint was written
+        self.version = 0
+
+    def lost(self, seen_generation: int, pairs_added: int) -> None:
+        if seen_generation != self.generation:
+            return  # already recovered
+        wait_alive(self.buffer)
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None:
+            ray.get(self.buffer.load.remote(str(ckpt / "buffer.parquet")))
+        ray.get(self.buffer.set_version.remote(self.version))
+        self.generation += 1
+        self.restores += 1
+        self.rows_lost += pairs_added - self.rows_at_save
+        print(f"raykd: the replay buffer died; restored from {ckpt or 'empty'} "
+              f"({pairs_added - self.rows_at_save} rows added since that save are lost)", file=sys.stderr)
+
+
 class OnlineProducer:
     """Keeps every sampler's request chain full; logs each request's prompts once they are added.
 
@@ -73,8 +100,9 @@ class OnlineProducer:
     """
 
     def __init__(self, cfg: Config, actors, stream: PromptStream, consumed: Path, sync=None,
-                 recovered: dict | None = None):
+                 recovered: dict | None = None, guard: BufferGuard | None = None, pairs=lambda: 0):
         self.cfg, self.actors, self.stream, self.consumed, self.sync = cfg, actors, stream, consumed, sync
+        self.guard, self.pairs = guard, pairs
         self.in_flight: dict = {}  # add ref -> request (dict: sampler, gen, pair, epoch, reqs, seed)
         self.per_sampler = [0] * len(actors.samplers)
         self.sent = 0
@@ -95,7 +123,12 @@ class OnlineProducer:
         if gen is None:
             gen = self.actors.samplers[req["sampler"]].generate.remote(req["reqs"], seed=req["seed"])
         pair = self.actors.teachers.submit(req["reqs"], gen, avoid=avoid_teacher)
-        self.in_flight[self.actors.buffer.add.remote(pair)] = {**req, "gen": gen, "pair": pair}
+        self._add(req, gen, pair)
+
+    def _add(self, req: dict, gen, pair) -> None:
+        generation = self.guard.generation if self.guard else 0
+        self.in_flight[self.actors.buffer.add.remote(pair)] = {**req, "gen": gen, "pair": pair,
+                                                               "buffer_generation": generation}
 
     def pending(self) -> list:
         return list(self.in_flight)
@@ -123,6 +156,16 @@ class OnlineProducer:
                 self.sync.resend_to(req["sampler"])
             self._send(req)
             return
+        try:
+            ray.get(req["pair"])
+        except ray.exceptions.RayActorError:
+            pass
+        else:  # sampler and teacher answered: the buffer died
+            if self.guard is None:
+                raise
+            self.guard.lost(req["buffer_generation"], self.pairs())
+            self._add(req, req["gen"], req["pair"])
+            return
         self.recovered["teacher"] += 1  # the teacher died: its request goes to another replica
         if len(self.actors.teachers.workers) == 1 and teacher is not None:
             wait_alive(self.actors.teachers.workers[teacher])
@@ -136,8 +179,9 @@ class OnlineProducer:
 class OfflineProducer:
     """Feeds a generated dataset into the buffer in slices, cycling over it."""
 
-    def __init__(self, cfg: Config, buffer, table, epoch: int = 0, pos: int = 0):
-        self.buffer, self.table = buffer, table
+    def __init__(self, cfg: Config, buffer, table, epoch: int = 0, pos: int = 0,
+                 guard: BufferGuard | None = None, pairs=lambda: 0):
+        self.buffer, self.table, self.guard, self.pairs = buffer, table, guard, pairs
         self.chunk = cfg.sampler.prompts_per_request
         self.epoch, self.pos = epoch, pos
         self.in_flight: dict = {}
@@ -149,18 +193,37 @@ class OfflineProducer:
                 self.epoch, self.pos = self.epoch + 1, 0
             rows = self.table.slice(self.pos, self.chunk)
             self.pos += rows.num_rows
-            self.in_flight[self.buffer.add.remote(rows)] = rows.num_rows
+            self._add(rows)
+
+    def _add(self, rows) -> None:
+        self.in_flight[self.buffer.add.remote(rows)] = (rows, self.guard.generation if self.guard else 0)
 
     def pending(self) -> list:
         return list(self.in_flight)
 
     def complete(self, ref) -> int:
-        self.in_flight.pop(ref)
-        return ray.get(ref)
+        rows, generation = self.in_flight.pop(ref)
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError:
+            if self.guard is None:
+                raise
+            self.guard.lost(generation, self.pairs())
+            self._add(rows)
+            return 0
 
     def state(self) -> dict:
         assert not self.in_flight, "drain before saving producer state"
         return {"epoch": self.epoch, "pos": self.pos}
+
+
+def _answers(actor) -> bool:
+    """False when the actor is dead or being restarted."""
+    try:
+        ray.get(actor.ready.remote(), timeout=30)
+        return True
+    except ray.exceptions.RayActorError:
+        return False
 
 
 def _probe(actors, prep: Prepared) -> str:
@@ -192,6 +255,7 @@ class Trainer:
         self.step = self.version = self.phase_index = self.phase_step = self.pairs_added = 0
         self.producer_state: dict = {}
         self.recovered = {"sampler": 0, "teacher": 0}  # requests re-sent after an actor died
+        self.guard = BufferGuard(actors.buffer, self.run_dir)
         self.prompts_requested = 0  # online prompts taken from the stream (all of them end up consumed)
         self.elapsed_before = 0.0
         self.sync_seconds = 0.0
@@ -212,12 +276,14 @@ class Trainer:
         state = {"step": self.step, "version": self.version, "phase_index": self.phase_index,
                  "phase_step": self.phase_step, "pairs_added": self.pairs_added,
                  "prompts_requested": self.prompts_requested,
+            "buffer_restores": self.guard.restores, "buffer_rows_lost": self.guard.rows_lost,
                  "producer": producer.state(), "elapsed_s": self._elapsed(),
                  "metrics_rows": self.step, "consumed_lines": _count_lines(self.consumed)}
         (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # a crash before this line leaves the previous checkpoint intact
+        self.guard.rows_at_save = self.pairs_added
         for old in sorted(root.glob("step-*"))[: -self.cfg.checkpoint.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -228,6 +294,7 @@ class Trainer:
         ray.get(self.actors.buffer.load.remote(str(ckpt / "buffer.parquet")))
         for key in ("step", "version", "phase_index", "phase_step", "pairs_added", "prompts_requested"):
             setattr(self, key, state[key])
+        self.guard.version, self.guard.rows_at_save = self.version, self.pairs_added
         self.producer_state, self.elapsed_before = state["producer"], state["elapsed_s"]
         _truncate_lines(self.log.path, state["metrics_rows"])
         _truncate_lines(self.consumed, state["consumed_lines"])
@@ -247,10 +314,11 @@ class Trainer:
             from driver.offline import read_dataset
 
             return OfflineProducer(self.cfg, self.actors.buffer, read_dataset(phase.data),
-                                   st.get("epoch", 0), st.get("pos", 0))
+                                   st.get("epoch", 0), st.get("pos", 0), self.guard, lambda: self.pairs_added)
         s = st.get("stream", {})
         stream = PromptStream(self.prep.requests, self.cfg.run.seed, s.get("epoch", 0), s.get("pos", 0))
-        return OnlineProducer(self.cfg, self.actors, stream, self.consumed, self.sync, self.recovered)
+        return OnlineProducer(self.cfg, self.actors, stream, self.consumed, self.sync, self.recovered,
+                              self.guard, lambda: self.pairs_added)
 
     def run(self) -> dict:
         with GracefulStop() as self.stop:
@@ -298,6 +366,7 @@ class Trainer:
             "steps": self.step, "policy_version": self.version, "wall_s": self._elapsed(),
             "interrupted_at": interrupted_at, "recovered_requests": dict(self.recovered),
             "prompts_requested": self.prompts_requested,
+            "buffer_restores": self.guard.restores, "buffer_rows_lost": self.guard.rows_lost,
             "pairs_added": self.pairs_added, "buffer": stats,
             "sampler_versions": ray.get([s.version.remote() for s in self.actors.samplers]),
             "teachers": self.actors.teachers.stats(),
@@ -325,20 +394,29 @@ class Trainer:
 
     def _train_step(self, producer, phase: PhaseConfig, bar) -> None:
         cfg, actors = self.cfg, self.actors
-        batch = actors.buffer.sample.remote(cfg.learner.batch_size, self.version)
-        train_ref, started, sampled_at = actors.learners.train_step(batch, phase.loss), time.perf_counter(), self.version
-        while True:
-            producer.top_up(self.version)
-            done, _ = ray.wait([train_ref, *producer.pending()], num_returns=1)
-            if done[0] != train_ref:
-                self.pairs_added += producer.complete(done[0])
-                continue
-            metrics = ray.get(train_ref)
-            break
+        started, metrics = time.perf_counter(), None
+        while metrics is None:
+            generation, sampled_at = self.guard.generation, self.version
+            batch = actors.buffer.sample.remote(cfg.learner.batch_size, self.version)
+            train_ref = actors.learners.train_step(batch, phase.loss)
+            while True:
+                producer.top_up(self.version)
+                done, _ = ray.wait([train_ref, *producer.pending()], num_returns=1)
+                if done[0] != train_ref:
+                    self.pairs_added += producer.complete(done[0])
+                    continue
+                try:
+                    metrics = ray.get(train_ref)
+                except ray.exceptions.RayActorError:
+                    if _answers(actors.buffer):
+                        raise  # a learner died: a clear stop, naming it (restarting ranks is not automatic)
+                    self.guard.lost(generation, self.pairs_added)  # then take the step again
+                break
         self.step += 1
         self.phase_step += 1
         if self.step % cfg.sync.every_steps == 0 and phase.kind == "online":
             self.version += 1
+            self.guard.version = self.version
             self.sync_seconds = self.sync.wait() or self.sync_seconds
             self.sync.push(self.version)
             actors.buffer.set_version.remote(self.version)
