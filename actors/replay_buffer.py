@@ -261,6 +261,7 @@ class ReplayBuffer:
     async def load(self, path: str) -> int:
         async with self.changed:
             n = self.core.load(path)
+            self.version = 0  # the loader sets the version that goes with these rows
             self.changed.notify_all()
             return n
 

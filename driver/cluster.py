@@ -177,8 +177,14 @@ class RunActors:
             self.learners.shutdown()  # also frees the learners' placement group
 
 
-def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActors:
+def make_learner_group(cfg: Config, student_path: str):
     from actors.learner_group import LearnerGroup
+
+    return LearnerGroup(cfg.learner.num_learners, actor_options(cfg.learner), student_path, cfg.learner,
+                        cfg.loss, cfg.run.seed, placement_strategy=cfg.learner.placement_strategy)
+
+
+def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActors:
     from actors.replay_buffer import ReplayBuffer
     from actors.student_sampler import StudentSampler
     from actors.teacher_pool import TeacherPool
@@ -205,8 +211,7 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
             {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p})
         for i in range(s.num_replicas)
     ]
-    learners = LearnerGroup(cfg.learner.num_learners, actor_options(cfg.learner), student_path, cfg.learner,
-                            cfg.loss, cfg.run.seed, placement_strategy=cfg.learner.placement_strategy)
+    learners = make_learner_group(cfg, student_path)
     ray.get([buffer.ready.remote(), *teachers.ready_refs(), *[x.ready.remote() for x in samplers],
              *learners.ready_refs()])
     return RunActors(buffer, teachers, samplers, learners)

@@ -129,6 +129,7 @@ class LearnerConfig:
     grad_clip: float = 1.0
     max_steps: int = 20
     grad_accum_steps: int = 1
+    max_restarts: int = 2  # a dead learner rank: restart the group from the last checkpoint this often
     bf16: Literal["auto", "on", "off"] = "auto"  # auto: on where the device supports it (GPU)
     placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     lora: LoraConfig | None = None  # LoRA through peft; samplers receive merged weights
@@ -342,6 +343,7 @@ def validate(cfg: Config) -> Config:
     non_negative = {
         "buffer.max_policy_lag": cfg.buffer.max_policy_lag,
         "learner.warmup_steps": cfg.learner.warmup_steps,
+        "learner.max_restarts": cfg.learner.max_restarts,
         "learner.weight_decay": cfg.learner.weight_decay,
         "learner.num_cpus": cfg.learner.num_cpus,
         "learner.num_gpus": cfg.learner.num_gpus,

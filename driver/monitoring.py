@@ -107,6 +107,12 @@ class ProgressBar:
         self.bar.set_postfix(progress_postfix(row, self.buffer_capacity), refresh=False)
         self.bar.update(1)
 
+    def reset_to(self, step: int) -> None:
+        """Move the count back (the run rewound to a checkpoint)."""
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

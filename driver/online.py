@@ -28,6 +28,7 @@ import ray
 from driver.cluster import check_resources, create_actors, start_ray
 from driver.config import Config, PhaseConfig
 from actors.lifecycle import wait_alive
+from actors.weight_sync import WeightSync
 from actors.metrics import record_step
 from driver.monitoring import MetricsLog, ProgressBar
 from driver.prepare import Prepared
@@ -61,6 +62,21 @@ class PromptStream:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
+
+
+class LearnerDied(Exception):
+    """A learner rank died during a step (the buffer still answers)."""
+
+    def __init__(self, ref):
+        super().__init__("a learner rank died")
+        self.ref = ref
+
+    def cause(self) -> str:
+        try:
+            ray.get(self.ref)
+        except Exception as e:  # noqa: BLE001 - report whatever Ray says, in one line
+            return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        return "unknown"
 
 
 class BufferGuard:
@@ -241,8 +257,6 @@ class Trainer:
     """The driver's state for one run: which phase and step, which policy version, what was added."""
 
     def __init__(self, cfg: Config, prep: Prepared, actors, progress: bool, evaluator=None):
-        from actors.weight_sync import WeightSync
-
         self.cfg, self.prep, self.actors = cfg, prep, actors
         self.run_dir = prep.run_dir
         self.phases: list[PhaseConfig] = cfg.phases()
@@ -256,6 +270,7 @@ class Trainer:
         self.producer_state: dict = {}
         self.recovered = {"sampler": 0, "teacher": 0}  # requests re-sent after an actor died
         self.guard = BufferGuard(actors.buffer, self.run_dir)
+        self.learner_restarts = 0
         self.prompts_requested = 0  # online prompts taken from the stream (all of them end up consumed)
         self.elapsed_before = 0.0
         self.sync_seconds = 0.0
@@ -277,6 +292,7 @@ class Trainer:
                  "phase_step": self.phase_step, "pairs_added": self.pairs_added,
                  "prompts_requested": self.prompts_requested,
             "buffer_restores": self.guard.restores, "buffer_rows_lost": self.guard.rows_lost,
+            "learner_restarts": self.learner_restarts,
                  "producer": producer.state(), "elapsed_s": self._elapsed(),
                  "metrics_rows": self.step, "consumed_lines": _count_lines(self.consumed)}
         (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
@@ -288,7 +304,33 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def restore(self, ckpt: Path) -> None:
+    def _restart_learners(self, died: "LearnerDied", producer) -> None:
+        """A learner rank died: restart the whole group from the last checkpoint (the ranks are one
+        DeepSpeed group), rewinding the driver to it; after ``learner.max_restarts``, a clear stop."""
+        dead = [f"learner-{i}" for i, a in enumerate(self.actors.learners.learners) if not _answers(a)]
+        cause = died.cause()
+        ckpt = latest_checkpoint(self.run_dir)
+        self.learner_restarts += 1
+        if self.learner_restarts > self.cfg.learner.max_restarts or ckpt is None:
+            why = ("no checkpoint to restart from (set checkpoint.every_steps)" if ckpt is None else
+                   f"learner.max_restarts={self.cfg.learner.max_restarts} used up")
+            raise RuntimeError(f"{', '.join(dead) or 'a learner rank'} died at step {self.step + 1}: {cause}; "
+                               f"{why}")
+        print(f"raykd: {', '.join(dead) or 'a learner rank'} died ({cause}); restarting the learner group "
+              f"from {ckpt.name} ({self.learner_restarts}/{self.cfg.learner.max_restarts})", file=sys.stderr)
+        self._drain(producer)  # what is in flight lands, then the restore rewinds it away
+        from driver.cluster import make_learner_group
+
+        self.actors.learners.shutdown()
+        self.actors.learners = make_learner_group(self.cfg, self.prep.student_path)
+        ray.get(self.actors.learners.ready_refs())
+        self.sync = WeightSync(self.actors.learners, self.actors.samplers, mode=self.cfg.sync.mode,
+                               bucket_mb=self.cfg.sync.bucket_mb)
+        elapsed = self._elapsed()
+        self.restore(ckpt, push_always=True)
+        self.elapsed_before, self.t0 = elapsed, time.perf_counter()
+
+    def restore(self, ckpt: Path, push_always: bool = False) -> None:
         state = json.loads((ckpt / "driver_state.json").read_text())
         self.actors.learners.load_checkpoint(str(ckpt / "learner"))
         ray.get(self.actors.buffer.load.remote(str(ckpt / "buffer.parquet")))
@@ -298,7 +340,7 @@ class Trainer:
         self.producer_state, self.elapsed_before = state["producer"], state["elapsed_s"]
         _truncate_lines(self.log.path, state["metrics_rows"])
         _truncate_lines(self.consumed, state["consumed_lines"])
-        if self.version > 0:  # samplers start from the initial student: give them the current weights
+        if self.version > 0 or push_always:  # samplers must run the checkpoint's weights
             self.sync.push(self.version)
             self.sync.wait()
         ray.get(self.actors.buffer.set_version.remote(self.version))
@@ -333,14 +375,19 @@ class Trainer:
         while self.phase_index < len(self.phases):
             phase = self.phases[self.phase_index]
             producer = self._producer(phase)
-            while self.phase_step < phase.steps:
-                self._train_step(producer, phase, bar)
-                if self.stop.requested:  # SIGINT/SIGTERM: checkpoint, then stop cleanly
-                    bar.close()
-                    ckpt = self.save_checkpoint(producer)
-                    return self._summary(interrupted_at=str(ckpt))
-                if every and self.step % every == 0:
-                    self.save_checkpoint(producer)
+            try:
+                while self.phase_step < phase.steps:
+                    self._train_step(producer, phase, bar)
+                    if self.stop.requested:  # SIGINT/SIGTERM: checkpoint, then stop cleanly
+                        bar.close()
+                        ckpt = self.save_checkpoint(producer)
+                        return self._summary(interrupted_at=str(ckpt))
+                    if every and self.step % every == 0:
+                        self.save_checkpoint(producer)
+            except LearnerDied as died:
+                self._restart_learners(died, producer)
+                bar.reset_to(self.step)
+                continue  # the phase goes on from the restored state, with a new producer
             self._drain(producer)
             self.phase_index, self.phase_step, self.producer_state = self.phase_index + 1, 0, {}
             if self.phase_index < len(self.phases):
@@ -367,6 +414,7 @@ class Trainer:
             "interrupted_at": interrupted_at, "recovered_requests": dict(self.recovered),
             "prompts_requested": self.prompts_requested,
             "buffer_restores": self.guard.restores, "buffer_rows_lost": self.guard.rows_lost,
+            "learner_restarts": self.learner_restarts,
             "pairs_added": self.pairs_added, "buffer": stats,
             "sampler_versions": ray.get([s.version.remote() for s in self.actors.samplers]),
             "teachers": self.actors.teachers.stats(),
@@ -409,7 +457,7 @@ class Trainer:
                     metrics = ray.get(train_ref)
                 except ray.exceptions.RayActorError:
                     if _answers(actors.buffer):
-                        raise  # a learner died: a clear stop, naming it (restarting ranks is not automatic)
+                        raise LearnerDied(train_ref) from None  # the caller restarts the group
                     self.guard.lost(generation, self.pairs_added)  # then take the step again
                 break
         self.step += 1

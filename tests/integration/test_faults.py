@@ -70,3 +70,28 @@ def test_a_producer_dies_and_the_run_completes(tiny_models, tmp_path, victim, ex
     # every prompt taken from the stream ended up in the buffer exactly once: nothing lost
     assert sum(seen.values()) == summary["prompts_requested"] == summary["pairs_added"]
     assert summary["sampler_versions"] == [summary["policy_version"]]  # a restarted sampler caught up
+
+
+def test_a_learner_dies_and_the_group_restarts_from_the_checkpoint(tiny_models, tmp_path):
+    cfg = config(tiny_models, "checkpoint.every_steps=2", "learner.max_restarts=1")
+    run = tmp_path / "run"
+    prep = prepare(cfg, str(run))
+    killer = kill_after(run, "learner-0", steps=3)
+    summary = run_online(cfg, prep, progress=False)
+    killer.join(timeout=1)
+    assert summary["steps"] == 10 and summary["learner_restarts"] == 1
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))  # the steps after the checkpoint were redone, once
+    seen = consumed(run)
+    assert max(seen.values()) == 1 and sum(seen.values()) == summary["prompts_requested"]
+    assert summary["sampler_versions"] == [summary["policy_version"]]
+
+
+def test_learner_restarts_are_bounded(tiny_models, tmp_path):
+    cfg = config(tiny_models, "checkpoint.every_steps=2", "learner.max_restarts=0")
+    run = tmp_path / "run"
+    prep = prepare(cfg, str(run))
+    killer = kill_after(run, "learner-0", steps=3)
+    with pytest.raises(RuntimeError, match=r"learner-0 died at step \d+: .*learner.max_restarts=0 used up"):
+        run_online(cfg, prep, progress=False)
+    killer.join(timeout=1)
