@@ -1,0 +1,106 @@
+"""Chaos: an online run on tiny models with a random actor killed every N seconds, against the same
+run without kills, in one process.
+
+Prints kills survived, prompts lost (taken from the stream but never in the buffer), duplicates
+(a prompt in the buffer twice in one epoch), buffer rows lost with a dead buffer (bounded by the rows
+since the last checkpoint), learner restarts, and wall time as a ratio to the run without kills.
+
+    python benchmarks/chaos.py [--steps 30] [--every 8] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import ray
+
+VICTIMS = ("teacher-0", "teacher-1", "sampler-0", "replay-buffer", "learner-0")
+
+
+def make_config(models: dict, steps: int, run_dir: Path):
+    from driver.config import load_config
+
+    return load_config(None, [
+        f"models.teacher={models['teacher']}", f"models.student={models['student']}",
+        "data.num_prompts=400", "teacher.max_new_tokens=8", "sampler.max_new_tokens=8",
+        "teacher.top_k_logprobs=2", "teacher.num_replicas=2", "sampler.prompts_per_request=4",
+        "teacher.engine.backend=hf", "sampler.engine.backend=hf", "buffer.capacity=128",
+        "learner.batch_size=4", "learner.lr=1e-3", "sync.every_steps=2", f"learner.max_steps={steps}",
+        "checkpoint.every_steps=4", "checkpoint.export_hf=false", "learner.max_restarts=100",
+        f"run.runs_dir={run_dir}", "ray.num_cpus=8"])
+
+
+def run_once(cfg, run_dir: Path, every: float | None, rng: random.Random) -> dict:
+    from driver.online import run_online
+    from driver.prepare import prepare
+
+    prep = prepare(cfg, str(run_dir))
+    kills: list[str] = []
+    stop = threading.Event()
+
+    def chaos():
+        while not stop.wait(every):
+            if not (run_dir / "metrics.jsonl").exists():
+                continue
+            name = rng.choice(VICTIMS)
+            try:
+                ray.kill(ray.get_actor(name), no_restart=False)
+                kills.append(name)
+            except ValueError:  # not (yet) there, e.g. being re-created
+                pass
+
+    killer = threading.Thread(target=chaos, daemon=True) if every else None
+    t = time.perf_counter()
+    if killer:
+        killer.start()
+    try:
+        summary = run_online(cfg, prep, progress=False)
+    finally:
+        stop.set()
+    wall = time.perf_counter() - t
+    lines = (run_dir / "consumed.jsonl").read_text().splitlines()
+    seen = Counter((x["epoch"], pid) for x in map(json.loads, lines) for pid in x["prompt_ids"])
+    return {"wall_s": wall, "kills": kills, "steps": summary["steps"],
+            "prompts_lost": summary["prompts_requested"] - sum(seen.values()),
+            "duplicates": sum(n - 1 for n in seen.values() if n > 1),
+            "buffer_rows_lost": summary["buffer_rows_lost"], "learner_restarts": summary["learner_restarts"],
+            "recovered_requests": summary["recovered_requests"], "buffer_restores": summary["buffer_restores"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--every", type=float, default=8.0, help="seconds between kills")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from kd.models import make_tiny_model
+
+    root = Path(tempfile.mkdtemp(prefix="raykd-chaos-"))
+    models = {"teacher": str(make_tiny_model(root / "teacher", 4, 0)),
+              "student": str(make_tiny_model(root / "student", 2, 1))}
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        calm = run_once(make_config(models, args.steps, root), root / "calm", None, random.Random(args.seed))
+        wild = run_once(make_config(models, args.steps, root), root / "chaos", args.every,
+                        random.Random(args.seed))
+    finally:
+        ray.shutdown()
+    print(f"\n{'':<22}{'no kills':>12}{'kills':>12}")
+    for key in ("steps", "prompts_lost", "duplicates", "buffer_rows_lost", "learner_restarts", "buffer_restores"):
+        print(f"{key:<22}{calm[key]:>12}{wild[key]:>12}")
+    print(f"{'wall s':<22}{calm['wall_s']:>12.1f}{wild['wall_s']:>12.1f}")
+    print(f"\nkills survived: {len(wild['kills'])} ({', '.join(wild['kills']) or 'none'})")
+    print(f"requests re-sent: {wild['recovered_requests']}")
+    print(f"wall time with kills / without: {wild['wall_s'] / calm['wall_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
