@@ -186,6 +186,7 @@ class ReplayBuffer:
         self.version = 0
         self.closed = False
         self.overflow = False  # while the driver drains producers (no learner is consuming)
+        self.incarnation = os.urandom(8).hex()  # new after every (re)start: tells the driver it lost state
 
     async def add(self, rows: pa.Table, timeout: float | None = None) -> int:
         """Insert rows, waiting while the buffer is full of unconsumed rows (backpressure)."""
@@ -252,7 +253,7 @@ class ReplayBuffer:
             self.changed.notify_all()
 
     async def stats(self) -> dict:
-        return self.core.stats()
+        return {**self.core.stats(), "incarnation": self.incarnation}
 
     async def save(self, path: str) -> int:
         async with self.changed:
@@ -271,5 +272,5 @@ class ReplayBuffer:
             self.changed.notify_all()
             return n
 
-    async def ready(self) -> bool:
-        return True
+    async def ready(self) -> str:
+        return self.incarnation

@@ -120,4 +120,10 @@ class TeacherPool:
         return i
 
     def stats(self) -> list[dict]:
-        return ray.get([w.stats.remote() for w in self.workers])
+        out = []
+        for i, w in enumerate(self.workers):
+            try:
+                out.append(ray.get(w.stats.remote()))
+            except ray.exceptions.RayActorError:  # restarting after a failure: no counts to give
+                out.append({"index": i, "unavailable": True})
+        return out

@@ -177,11 +177,12 @@ class RunActors:
             self.learners.shutdown()  # also frees the learners' placement group
 
 
-def make_learner_group(cfg: Config, student_path: str):
+def make_learner_group(cfg: Config, student_path: str, name_prefix: str = "learner"):
     from actors.learner_group import LearnerGroup
 
     return LearnerGroup(cfg.learner.num_learners, actor_options(cfg.learner), student_path, cfg.learner,
-                        cfg.loss, cfg.run.seed, placement_strategy=cfg.learner.placement_strategy)
+                        cfg.loss, cfg.run.seed, placement_strategy=cfg.learner.placement_strategy,
+                        name_prefix=name_prefix)
 
 
 def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActors:

@@ -75,35 +75,69 @@ class LearnerDied(Exception):
         try:
             ray.get(self.ref)
         except Exception as e:  # noqa: BLE001 - report whatever Ray says, in one line
-            return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            return _first_line(e)
         return "unknown"
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 class BufferGuard:
     """Brings the replay buffer back after Ray restarted it (empty): reloads the last checkpoint's
-    buffer, once per death however many requests saw it fail, and counts the rows that were added
-    since that save (the most that can have been lost)."""
+    buffer, once per death however many calls saw it fail, and counts the rows that were added
+    since that save (the most that can have been lost). Every blocking driver call to the buffer
+    goes through ``call``, which recovers and retries."""
 
-    def __init__(self, buffer, run_dir: Path):
-        self.buffer, self.run_dir = buffer, run_dir
+    def __init__(self, buffer, run_dir: Path, pairs_added):
+        self.buffer, self.run_dir, self.pairs_added = buffer, run_dir, pairs_added
         self.generation = 0  # deaths recovered so far; requests remember the one they were sent in
         self.restores = self.rows_lost = 0
         self.rows_at_save = 0  # pairs added when the last checkpoint was written
         self.version = 0
+        self.overflow = False
+        self.incarnation = ray.get(buffer.ready.remote())
 
-    def lost(self, seen_generation: int, pairs_added: int) -> None:
+    def call(self, method: str, *args):
+        for _ in range(5):
+            seen = self.generation
+            try:
+                return ray.get(getattr(self.buffer, method).remote(*args))
+            except ray.exceptions.RayActorError:
+                self.lost(seen)
+        raise RuntimeError(f"the replay buffer kept dying during {method}()")
+
+    def lost(self, seen_generation: int) -> None:
+        """A call to the buffer failed: if the buffer restarted (empty), restore it."""
         if seen_generation != self.generation:
             return  # already recovered
         wait_alive(self.buffer)
+        incarnation = ray.get(self.buffer.ready.remote())
+        if incarnation == self.incarnation:
+            return  # the same buffer answers: the failure was elsewhere
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is not None:
             ray.get(self.buffer.load.remote(str(ckpt / "buffer.parquet")))
         ray.get(self.buffer.set_version.remote(self.version))
+        ray.get(self.buffer.set_overflow.remote(self.overflow))
+        lost = self.pairs_added() - self.rows_at_save
+        self.incarnation = incarnation
         self.generation += 1
         self.restores += 1
-        self.rows_lost += pairs_added - self.rows_at_save
+        self.rows_lost += lost
         print(f"raykd: the replay buffer died; restored from {ckpt or 'empty'} "
-              f"({pairs_added - self.rows_at_save} rows added since that save are lost)", file=sys.stderr)
+              f"({lost} rows added since that save are lost)", file=sys.stderr)
+
+    def check(self, stats: dict) -> dict:
+        """Catch a restart that no failed call revealed (the buffer died and came back between calls)."""
+        if stats.get("incarnation", self.incarnation) != self.incarnation:
+            self.lost(self.generation)
+            return self.call("stats")
+        return stats
+
+    def set_overflow(self, on: bool) -> None:
+        self.overflow = on
+        self.call("set_overflow", on)
 
 
 class OnlineProducer:
@@ -116,9 +150,9 @@ class OnlineProducer:
     """
 
     def __init__(self, cfg: Config, actors, stream: PromptStream, consumed: Path, sync=None,
-                 recovered: dict | None = None, guard: BufferGuard | None = None, pairs=lambda: 0):
+                 recovered: dict | None = None, guard: BufferGuard | None = None):
         self.cfg, self.actors, self.stream, self.consumed, self.sync = cfg, actors, stream, consumed, sync
-        self.guard, self.pairs = guard, pairs
+        self.guard = guard
         self.in_flight: dict = {}  # add ref -> request (dict: sampler, gen, pair, epoch, reqs, seed)
         self.per_sampler = [0] * len(actors.samplers)
         self.sent = 0
@@ -179,7 +213,7 @@ class OnlineProducer:
         else:  # sampler and teacher answered: the buffer died
             if self.guard is None:
                 raise
-            self.guard.lost(req["buffer_generation"], self.pairs())
+            self.guard.lost(req["buffer_generation"])
             self._add(req, req["gen"], req["pair"])
             return
         self.recovered["teacher"] += 1  # the teacher died: its request goes to another replica
@@ -196,8 +230,8 @@ class OfflineProducer:
     """Feeds a generated dataset into the buffer in slices, cycling over it."""
 
     def __init__(self, cfg: Config, buffer, table, epoch: int = 0, pos: int = 0,
-                 guard: BufferGuard | None = None, pairs=lambda: 0):
-        self.buffer, self.table, self.guard, self.pairs = buffer, table, guard, pairs
+                 guard: BufferGuard | None = None):
+        self.buffer, self.table, self.guard = buffer, table, guard
         self.chunk = cfg.sampler.prompts_per_request
         self.epoch, self.pos = epoch, pos
         self.in_flight: dict = {}
@@ -224,7 +258,7 @@ class OfflineProducer:
         except ray.exceptions.RayActorError:
             if self.guard is None:
                 raise
-            self.guard.lost(generation, self.pairs())
+            self.guard.lost(generation)
             self._add(rows)
             return 0
 
@@ -269,7 +303,7 @@ class Trainer:
         self.step = self.version = self.phase_index = self.phase_step = self.pairs_added = 0
         self.producer_state: dict = {}
         self.recovered = {"sampler": 0, "teacher": 0}  # requests re-sent after an actor died
-        self.guard = BufferGuard(actors.buffer, self.run_dir)
+        self.guard = BufferGuard(actors.buffer, self.run_dir, lambda: self.pairs_added)
         self.learner_restarts = 0
         self.prompts_requested = 0  # online prompts taken from the stream (all of them end up consumed)
         self.elapsed_before = 0.0
@@ -285,7 +319,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.actors.learners.save_checkpoint(str(tmp / "learner"))
-        ray.get(self.actors.buffer.save.remote(str(tmp / "buffer.parquet")))
+        self.guard.call("save", str(tmp / "buffer.parquet"))
         if self.cfg.checkpoint.export_hf:
             self.actors.learners.save_hf(str(tmp / "hf"), self.prep.student_path)
         state = {"step": self.step, "version": self.version, "phase_index": self.phase_index,
@@ -304,25 +338,36 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def _restart_learners(self, died: "LearnerDied", producer) -> None:
+    def _restart_learners(self, died: Exception, producer) -> None:
         """A learner rank died: restart the whole group from the last checkpoint (the ranks are one
-        DeepSpeed group), rewinding the driver to it; after ``learner.max_restarts``, a clear stop."""
-        dead = [f"learner-{i}" for i, a in enumerate(self.actors.learners.learners) if not _answers(a)]
-        cause = died.cause()
-        ckpt = latest_checkpoint(self.run_dir)
-        self.learner_restarts += 1
-        if self.learner_restarts > self.cfg.learner.max_restarts or ckpt is None:
-            why = ("no checkpoint to restart from (set checkpoint.every_steps)" if ckpt is None else
-                   f"learner.max_restarts={self.cfg.learner.max_restarts} used up")
-            raise RuntimeError(f"{', '.join(dead) or 'a learner rank'} died at step {self.step + 1}: {cause}; "
-                               f"{why}")
-        print(f"raykd: {', '.join(dead) or 'a learner rank'} died ({cause}); restarting the learner group "
-              f"from {ckpt.name} ({self.learner_restarts}/{self.cfg.learner.max_restarts})", file=sys.stderr)
+        DeepSpeed group), rewinding the driver to it; after ``learner.max_restarts``, a clear stop.
+        A rank that dies again during the restart counts as another restart."""
         self._drain(producer)  # what is in flight lands, then the restore rewinds it away
+        while True:
+            dead = [f"learner-{i}" for i, a in enumerate(self.actors.learners.learners) if not _answers(a)]
+            who = ", ".join(dead) or "a learner rank"
+            cause = died.cause() if isinstance(died, LearnerDied) else _first_line(died)
+            ckpt = latest_checkpoint(self.run_dir)
+            self.learner_restarts += 1
+            if self.learner_restarts > self.cfg.learner.max_restarts or ckpt is None:
+                why = ("no checkpoint to restart from (set checkpoint.every_steps)" if ckpt is None else
+                       f"learner.max_restarts={self.cfg.learner.max_restarts} used up")
+                raise RuntimeError(f"{who} died at step {self.step + 1}: {cause}; {why}")
+            print(f"raykd: {who} died ({cause}); restarting the learner group from {ckpt.name} "
+                  f"({self.learner_restarts}/{self.cfg.learner.max_restarts})", file=sys.stderr)
+            try:
+                self._new_learners_from(ckpt)
+                return
+            except ray.exceptions.RayActorError as again:
+                died = again
+
+    def _new_learners_from(self, ckpt: Path) -> None:
         from driver.cluster import make_learner_group
 
         self.actors.learners.shutdown()
-        self.actors.learners = make_learner_group(self.cfg, self.prep.student_path)
+        # a fresh name per restart: a killed actor's name is not always free again at once
+        self.actors.learners = make_learner_group(self.cfg, self.prep.student_path,
+                                                  name_prefix=f"learner-r{self.learner_restarts}")
         ray.get(self.actors.learners.ready_refs())
         self.sync = WeightSync(self.actors.learners, self.actors.samplers, mode=self.cfg.sync.mode,
                                bucket_mb=self.cfg.sync.bucket_mb)
@@ -333,7 +378,7 @@ class Trainer:
     def restore(self, ckpt: Path, push_always: bool = False) -> None:
         state = json.loads((ckpt / "driver_state.json").read_text())
         self.actors.learners.load_checkpoint(str(ckpt / "learner"))
-        ray.get(self.actors.buffer.load.remote(str(ckpt / "buffer.parquet")))
+        self.guard.call("load", str(ckpt / "buffer.parquet"))
         for key in ("step", "version", "phase_index", "phase_step", "pairs_added", "prompts_requested"):
             setattr(self, key, state[key])
         self.guard.version, self.guard.rows_at_save = self.version, self.pairs_added
@@ -343,7 +388,7 @@ class Trainer:
         if self.version > 0 or push_always:  # samplers must run the checkpoint's weights
             self.sync.push(self.version)
             self.sync.wait()
-        ray.get(self.actors.buffer.set_version.remote(self.version))
+        self.guard.call("set_version", self.version)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -356,11 +401,11 @@ class Trainer:
             from driver.offline import read_dataset
 
             return OfflineProducer(self.cfg, self.actors.buffer, read_dataset(phase.data),
-                                   st.get("epoch", 0), st.get("pos", 0), self.guard, lambda: self.pairs_added)
+                                   st.get("epoch", 0), st.get("pos", 0), self.guard)
         s = st.get("stream", {})
         stream = PromptStream(self.prep.requests, self.cfg.run.seed, s.get("epoch", 0), s.get("pos", 0))
         return OnlineProducer(self.cfg, self.actors, stream, self.consumed, self.sync, self.recovered,
-                              self.guard, lambda: self.pairs_added)
+                              self.guard)
 
     def run(self) -> dict:
         with GracefulStop() as self.stop:
@@ -384,14 +429,16 @@ class Trainer:
                         return self._summary(interrupted_at=str(ckpt))
                     if every and self.step % every == 0:
                         self.save_checkpoint(producer)
-            except LearnerDied as died:
-                self._restart_learners(died, producer)
+            except (LearnerDied, ray.exceptions.RayActorError) as err:
+                if not isinstance(err, LearnerDied) and all(_answers(a) for a in self.actors.learners.learners):
+                    raise  # not a learner: nothing to restart here
+                self._restart_learners(err, producer)
                 bar.reset_to(self.step)
                 continue  # the phase goes on from the restored state, with a new producer
             self._drain(producer)
             self.phase_index, self.phase_step, self.producer_state = self.phase_index + 1, 0, {}
             if self.phase_index < len(self.phases):
-                ray.get(self.actors.buffer.clear.remote())  # rows of one phase's kind never leak into the next
+                self.guard.call("clear")  # rows of one phase's kind never leak into the next
         bar.close()
         if self.step % self.cfg.sync.every_steps:  # the samplers end on the final weights too
             self.version += 1
@@ -408,7 +455,7 @@ class Trainer:
         probe_after = _probe(self.actors, self.prep)
         final = self.run_dir / "final"
         self.actors.learners.save_hf(str(final), self.prep.student_path)
-        stats = ray.get(self.actors.buffer.stats.remote())
+        stats = self.guard.call("stats")
         summary = {
             "steps": self.step, "policy_version": self.version, "wall_s": self._elapsed(),
             "interrupted_at": interrupted_at, "recovered_requests": dict(self.recovered),
@@ -432,11 +479,11 @@ class Trainer:
         """Wait for every request in flight (and any re-sent after a failure) to land. No learner
         consumes meanwhile, so the buffer may go over capacity instead of holding producers back."""
         if producer.pending():
-            ray.get(self.actors.buffer.set_overflow.remote(True))
+            self.guard.set_overflow(True)
             while producer.pending():
                 done, _ = ray.wait(producer.pending(), num_returns=1)
                 self.pairs_added += producer.complete(done[0])
-            ray.get(self.actors.buffer.set_overflow.remote(False))
+            self.guard.set_overflow(False)
         self.prompts_requested += producer.taken
         producer.taken = 0
 
@@ -456,9 +503,9 @@ class Trainer:
                 try:
                     metrics = ray.get(train_ref)
                 except ray.exceptions.RayActorError:
-                    if _answers(actors.buffer):
+                    if not all(_answers(a) for a in actors.learners.learners):
                         raise LearnerDied(train_ref) from None  # the caller restarts the group
-                    self.guard.lost(generation, self.pairs_added)  # then take the step again
+                    self.guard.lost(generation)  # the batch's buffer died; then take the step again
                 break
         self.step += 1
         self.phase_step += 1
@@ -468,7 +515,7 @@ class Trainer:
             self.sync_seconds = self.sync.wait() or self.sync_seconds
             self.sync.push(self.version)
             actors.buffer.set_version.remote(self.version)
-        stats = ray.get(actors.buffer.stats.remote())
+        stats = self.guard.check(self.guard.call("stats"))
         batch_version = metrics.pop("batch_policy_version", None)
         row = {
             "step": self.step, "phase": self.phase_index, "phase_kind": phase.kind,
