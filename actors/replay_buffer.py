@@ -47,7 +47,8 @@ class BufferCore:
         self.table = BUFFER_SCHEMA.empty_table()
         self.versions = np.zeros(0, dtype=np.int64)
         self.uses = np.zeros(0, dtype=np.int64)
-        self.inserted = self.consumed = self.dropped_stale = self.evicted = 0
+        self.inserted = self.consumed = self.dropped_stale = self.evicted = self.duplicates = 0
+        self.request_ids: set[str] = set()
         self._lag_sum = 0  # sum of policy lag over handed-out online rows
         self._lag_n = 0
 
@@ -58,11 +59,17 @@ class BufferCore:
         """Rows that can be added now, counting consumed rows that may be evicted."""
         return self.capacity - int((self.uses == 0).sum())
 
-    def add(self, rows: pa.Table | pa.RecordBatch, force: bool = False) -> int:
+    def add(self, rows: pa.Table | pa.RecordBatch, force: bool = False, request_id: str | None = None) -> int:
         """Insert ``rows`` (must fit: call ``room()`` first, unless ``force``, which goes over
-        capacity when every held row is unconsumed); returns the number inserted."""
+        capacity when every held row is unconsumed); returns the number inserted. A ``request_id``
+        seen before is a re-sent request whose rows are already here: nothing is added."""
         if isinstance(rows, pa.RecordBatch):
             rows = pa.Table.from_batches([rows])
+        if request_id is not None:
+            if request_id in self.request_ids:
+                self.duplicates += rows.num_rows
+                return 0
+            self.request_ids.add(request_id)
         if rows.num_rows == 0:
             return 0
         if rows.num_rows > self.room() and not force:
@@ -128,7 +135,7 @@ class BufferCore:
 
     # -- persistence ----------------------------------------------------------------------------
 
-    _COUNTERS = ("inserted", "consumed", "dropped_stale", "evicted", "_lag_sum", "_lag_n")
+    _COUNTERS = ("inserted", "consumed", "dropped_stale", "evicted", "duplicates", "_lag_sum", "_lag_n")
 
     def save(self, path: str | Path) -> int:
         """Write rows, their use counts and the counters to one Parquet file, atomically (a crash
@@ -137,7 +144,7 @@ class BufferCore:
         path.parent.mkdir(parents=True, exist_ok=True)
         table = self.table.append_column("_uses", pa.array(self.uses, pa.int64()))
         meta = {"capacity": self.capacity, "max_policy_lag": self.max_policy_lag, "sampling": self.sampling,
-                **{k: getattr(self, k) for k in self._COUNTERS}}
+                **{k: getattr(self, k) for k in self._COUNTERS}, "request_ids": sorted(self.request_ids)}
         table = table.replace_schema_metadata({b"raykd_buffer": json.dumps(meta).encode()})
         tmp = path.with_name(f".{path.name}.tmp")
         pq.write_table(table, tmp)
@@ -155,6 +162,7 @@ class BufferCore:
         self.versions = self.table.column("policy_version").to_numpy().astype(np.int64)
         for k in self._COUNTERS:
             setattr(self, k, meta.get(k, 0))
+        self.request_ids = set(meta.get("request_ids", []))
         return self.table.num_rows
 
     def clear(self) -> int:
@@ -171,6 +179,7 @@ class BufferCore:
             "consumed": self.consumed,
             "dropped_stale": self.dropped_stale,
             "evicted": self.evicted,
+            "duplicates_dropped": self.duplicates,
             "mean_policy_lag": self._lag_sum / self._lag_n if self._lag_n else 0.0,
             "bytes": self.table.nbytes,
         }
@@ -188,9 +197,12 @@ class ReplayBuffer:
         self.overflow = False  # while the driver drains producers (no learner is consuming)
         self.incarnation = os.urandom(8).hex()  # new after every (re)start: tells the driver it lost state
 
-    async def add(self, rows: pa.Table, timeout: float | None = None) -> int:
-        """Insert rows, waiting while the buffer is full of unconsumed rows (backpressure)."""
+    async def add(self, rows: pa.Table, timeout: float | None = None, request_id: str | None = None) -> int:
+        """Insert rows, waiting while the buffer is full of unconsumed rows (backpressure).
+        ``request_id``: the producer's id for this request; a repeat is dropped (see BufferCore.add)."""
         n = rows.num_rows
+        if request_id is not None and request_id in self.core.request_ids:
+            return self.core.add(rows, request_id=request_id)  # counts the duplicate, adds nothing
         if n > self.core.capacity:
             raise ValueError(f"{n} rows exceed buffer.capacity={self.core.capacity}")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -208,7 +220,7 @@ class ReplayBuffer:
                     continue
             if self.closed:
                 return 0
-            added = self.core.add(rows, force=self.overflow)
+            added = self.core.add(rows, force=self.overflow, request_id=request_id)
             self.changed.notify_all()
             metrics.record_buffer(len(self.core))
             return added

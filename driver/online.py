@@ -177,8 +177,10 @@ class OnlineProducer:
 
     def _add(self, req: dict, gen, pair) -> None:
         generation = self.guard.generation if self.guard else 0
-        self.in_flight[self.actors.buffer.add.remote(pair)] = {**req, "gen": gen, "pair": pair,
-                                                               "buffer_generation": generation}
+        # one id per request (no prompt repeats within an epoch): the buffer drops a re-sent duplicate
+        request_id = f"{req['epoch']}:" + ",".join(r["prompt_id"] for r in req["reqs"])
+        self.in_flight[self.actors.buffer.add.remote(pair, None, request_id)] = {
+            **req, "gen": gen, "pair": pair, "buffer_generation": generation}
 
     def pending(self) -> list:
         return list(self.in_flight)
@@ -242,24 +244,25 @@ class OfflineProducer:
             if self.pos >= self.table.num_rows:
                 self.epoch, self.pos = self.epoch + 1, 0
             rows = self.table.slice(self.pos, self.chunk)
+            self._add(rows, f"offline:{self.epoch}:{self.pos}")
             self.pos += rows.num_rows
-            self._add(rows)
 
-    def _add(self, rows) -> None:
-        self.in_flight[self.buffer.add.remote(rows)] = (rows, self.guard.generation if self.guard else 0)
+    def _add(self, rows, request_id: str) -> None:
+        self.in_flight[self.buffer.add.remote(rows, None, request_id)] = (
+            rows, request_id, self.guard.generation if self.guard else 0)
 
     def pending(self) -> list:
         return list(self.in_flight)
 
     def complete(self, ref) -> int:
-        rows, generation = self.in_flight.pop(ref)
+        rows, request_id, generation = self.in_flight.pop(ref)
         try:
             return ray.get(ref)
         except ray.exceptions.RayActorError:
             if self.guard is None:
                 raise
             self.guard.lost(generation)
-            self._add(rows)
+            self._add(rows, request_id)
             return 0
 
     def state(self) -> dict:

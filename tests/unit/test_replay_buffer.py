@@ -125,3 +125,14 @@ def test_force_goes_over_capacity_only_when_asked():
     b.sample(1, 0)
     assert b.add(rows(2, start=4), force=True) == 2  # evicts the consumed row, then goes over
     assert len(b) == 5 and ids(b.table)[0] == "p1"
+
+
+def test_a_resent_request_is_added_once_even_after_save_load(tmp_path):
+    b = BufferCore(capacity=10, max_policy_lag=5)
+    assert b.add(rows(2), request_id="0:p0,p1") == 2
+    assert b.add(rows(2), request_id="0:p0,p1") == 0  # the producer re-sent it after an error
+    assert len(b) == 2 and b.stats()["duplicates_dropped"] == 2
+    b.save(tmp_path / "b.parquet")
+    c = BufferCore(capacity=10, max_policy_lag=5)
+    c.load(tmp_path / "b.parquet")
+    assert c.add(rows(2), request_id="0:p0,p1") == 0 and c.add(rows(2, start=2), request_id="0:p2,p3") == 2
