@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from kd.models import hf_kwargs
+
 CHECKPOINT_TAG = "ds"  # DeepSpeed's files go to <path>/ds/, its pointer to <path>/latest
 
 
@@ -86,9 +88,9 @@ class Learner:
         self.rank, self.world_size = rank, world_size
         self.lcfg, self.loss_cfg = learner_cfg, loss_cfg
         self.bf16 = resolve_bf16(learner_cfg.bf16)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **hf_kwargs())
         model.config.use_cache = False
-        tok = AutoTokenizer.from_pretrained(model_path)
+        tok = AutoTokenizer.from_pretrained(model_path, **hf_kwargs())
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.lora = learner_cfg.lora is not None
         if self.lora:
@@ -305,7 +307,7 @@ class Learner:
         if self.rank != 0:
             return None
         hf_model(self.engine.module).save_pretrained(path, state_dict=sd, safe_serialization=True)
-        AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(path)
+        AutoTokenizer.from_pretrained(tokenizer_src, **hf_kwargs()).save_pretrained(path)
         return path
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -54,7 +54,12 @@ def start_ray(cfg: Config) -> bool:
     """Join ``ray.address`` or start a local cluster; True if this call started it."""
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+    from kd.models import TRUST_REMOTE_CODE_ENV
+
+    trust = "1" if cfg.models.trust_remote_code else "0"
+    os.environ[TRUST_REMOTE_CODE_ENV] = trust  # the driver's own loads; actors get it below
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
+                        TRUST_REMOTE_CODE_ENV: trust}}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None  # `ray job submit` sets it
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)

@@ -43,6 +43,7 @@ class ModelsConfig:
     student_keep_layers: list[int] | None = field(default_factory=lambda: [0, 7, 14, 21, 29])
     cache_dir: str | None = None  # default ~/.cache/raykd (or $RAYKD_CACHE)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False  # run model code shipped with a checkpoint (only for models you trust)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from typing import Callable
 
 from kd.errors import UserInputError
 from kd.metrics import exact_match, extract_answer, mean_std, rouge_l
+from kd.models import hf_kwargs
 
 HELD_OUT_SEED = 10_000  # synthetic_math eval seed = HELD_OUT_SEED + run.seed (training uses run.seed)
 METRICS = ("exact_match", "rouge_l", "answer_rate")
@@ -192,7 +193,7 @@ def teacher_student_kl(teacher_path: str, student_path: str, prompts: list[list[
     from kd.metrics import token_kl
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).to(device).eval()
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, **hf_kwargs()).to(device).eval()
               for p in (teacher_path, student_path)]
     total, count = 0.0, 0
     pairs = [(p, c) for p, c in zip(prompts, continuations) if c]
@@ -291,7 +292,7 @@ def run_eval(args) -> dict:
     if args.batch_size <= 0:
         raise EvalError(f"--batch-size {args.batch_size}: must be a positive integer")
 
-    tok = AutoTokenizer.from_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(model, **hf_kwargs())
     data_cfg = rc.get("data") or {}
     prompts = encode_prompts(tok, examples, data_cfg.get("system_prompt", d.system_prompt),
                              data_cfg.get("chat_template", d.chat_template),

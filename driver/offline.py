@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from kd.data import BUFFER_SCHEMA
 from kd.errors import UserInputError
+from kd.models import hf_kwargs
 
 MANIFEST = "manifest.json"
 
@@ -74,7 +75,7 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
                            cfg.data.num_prompts, cfg.run.seed)
     cache = Path(cfg.models.cache_dir).expanduser() if cfg.models.cache_dir else None
     teacher_path = str(resolve_model(cfg.models.teacher, cache))
-    requests, skipped = build_requests(cfg, AutoTokenizer.from_pretrained(teacher_path), records)
+    requests, skipped = build_requests(cfg, AutoTokenizer.from_pretrained(teacher_path, **hf_kwargs()), records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = _identity(cfg, len(requests), shard_size)

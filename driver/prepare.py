@@ -14,7 +14,7 @@ from pathlib import Path
 from driver.config import Config, dump_config
 from kd.data import load_prompts
 from kd.errors import UserInputError
-from kd.models import resolve_model, truncate_layers
+from kd.models import hf_kwargs, resolve_model, truncate_layers
 from kd.priming import prime
 
 
@@ -58,7 +58,7 @@ def check_same_tokenizer(teacher: Path, student: Path) -> None:
     """DPKD scores the student's text under the teacher and vice versa: one vocabulary for both."""
     from transformers import AutoTokenizer
 
-    a, b = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    a, b = AutoTokenizer.from_pretrained(teacher, **hf_kwargs()), AutoTokenizer.from_pretrained(student, **hf_kwargs())
     probe = "Ava has 12 apples; she buys 7 more. #### 19"
     if len(a) != len(b) or a.encode(probe) != b.encode(probe):
         raise SetupError(f"models.teacher ({teacher}) and models.student ({student}) use different "
@@ -71,7 +71,7 @@ def check_context(cfg: Config, *model_dirs: str) -> None:
 
     longest = cfg.data.max_prompt_tokens + max(cfg.teacher.max_new_tokens, cfg.sampler.max_new_tokens)
     for path in model_dirs:
-        ctx = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+        ctx = getattr(AutoConfig.from_pretrained(path, **hf_kwargs()), "max_position_embeddings", None)
         if ctx is not None and longest > ctx:
             raise SetupError(f"data.max_prompt_tokens + max_new_tokens = {longest} > {path}'s context of "
                              f"{ctx} tokens; lower data.max_prompt_tokens or teacher/sampler.max_new_tokens")
@@ -110,13 +110,18 @@ def build_requests(cfg: Config, tok, records) -> tuple[list[dict], int]:
 
 
 def prepare(cfg: Config, run_dir: str | None = None) -> Prepared:
+    import os
+
+    from kd.models import TRUST_REMOTE_CODE_ENV
+
+    os.environ[TRUST_REMOTE_CODE_ENV] = "1" if cfg.models.trust_remote_code else "0"
     records = load_prompts(cfg.data.source, cfg.data.prompt_field, cfg.data.answer_field,
                            cfg.data.num_prompts, cfg.run.seed)
     teacher, student = prepare_models(cfg)
     check_context(cfg, teacher, student)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(student)
+    tok = AutoTokenizer.from_pretrained(student, **hf_kwargs())
     requests, skipped = build_requests(cfg, tok, records)
     path = make_run_dir(cfg, run_dir)
     with open(path / "data_summary.json", "w") as f:

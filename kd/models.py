@@ -37,6 +37,15 @@ class ModelSpecError(UserInputError):
     pass
 
 
+TRUST_REMOTE_CODE_ENV = "RAYKD_TRUST_REMOTE_CODE"
+
+
+def hf_kwargs() -> dict:
+    """Keyword arguments for every transformers ``from_pretrained`` in raykd: ``trust_remote_code``
+    is off unless the run sets ``models.trust_remote_code`` (the driver exports it to every actor)."""
+    return {"trust_remote_code": os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"}
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("RAYKD_CACHE", Path.home() / ".cache" / "raykd"))
 
@@ -86,7 +95,7 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
     gguf = smollm2_gguf_path()
     tmp = _atomic_dir(final)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **hf_kwargs())
         if not tok.chat_template:
             tok.chat_template = CHATML_TEMPLATE
         quant = GgufConfig(gguf_file=gguf.name, dequantize=True)
@@ -126,7 +135,7 @@ def truncate_layers(src: Path, keep: list[int], out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **hf_kwargs())
     n = model.config.num_hidden_layers
     bad = [i for i in keep if not 0 <= i < n]
     if not keep or bad or len(set(keep)) != len(keep):
@@ -144,7 +153,7 @@ def truncate_layers(src: Path, keep: list[int], out: Path) -> Path:
     tmp = _atomic_dir(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src, **hf_kwargs()).save_pretrained(tmp)
         with open(tmp / "raykd_truncation.json", "w") as f:
             json.dump({"source": str(src), "keep_layers": list(keep)}, f)
     except BaseException:

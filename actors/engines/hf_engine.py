@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from actors.engines.base import Engine, Generation, SamplingParams, Scores
+from kd.models import hf_kwargs
 
 
 class HFEngine(Engine):
@@ -25,10 +26,10 @@ class HFEngine(Engine):
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=getattr(torch, dtype)
+            model_path, dtype=getattr(torch, dtype), **hf_kwargs()
         ).to(self.device)
         self.model.eval()
-        tok = AutoTokenizer.from_pretrained(model_path)
+        tok = AutoTokenizer.from_pretrained(model_path, **hf_kwargs())
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
         self.max_batch_tokens = max_batch_tokens

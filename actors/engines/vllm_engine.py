@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 from actors.engines.base import Engine, Generation, SamplingParams, Scores
+from kd.models import hf_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class VLLMEngine(Engine):
             max_model_len=self.max_model_len,
             max_logprobs=self.max_logprobs,
             logprobs_mode="raw_logprobs",
+            trust_remote_code=hf_kwargs()["trust_remote_code"],
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
             **engine_kwargs,

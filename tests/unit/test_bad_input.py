@@ -63,3 +63,14 @@ def test_bad_input_stops_before_any_actor(tmp_path, capsys, tiny, case):
     assert err.startswith("raykd: error: ") and len(err.splitlines()) == 1, err
     assert expect in err
     assert not (tmp_path / "run").exists()
+
+
+def test_trust_remote_code_is_off_unless_set(monkeypatch):
+    from driver.config import load_config
+    from kd.models import TRUST_REMOTE_CODE_ENV, hf_kwargs
+
+    monkeypatch.delenv(TRUST_REMOTE_CODE_ENV, raising=False)
+    assert hf_kwargs() == {"trust_remote_code": False}
+    assert load_config(None).models.trust_remote_code is False
+    monkeypatch.setenv(TRUST_REMOTE_CODE_ENV, "1")
+    assert hf_kwargs() == {"trust_remote_code": True}
