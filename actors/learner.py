@@ -328,7 +328,7 @@ class Learner:
         own = os.path.join(path, CHECKPOINT_TAG, f"learner_rank{self.rank}.pt")
         if not os.path.isfile(own):
             raise FileNotFoundError(f"{path}: no learner checkpoint for rank {self.rank} ({own} is missing)")
-        state = torch.load(own, weights_only=False)
+        state = torch.load(own, weights_only=True)
         if state["world_size"] != self.world_size:  # ZeRO partitions and RNG streams are per rank
             raise ValueError(f"{path}: saved by {state['world_size']} learners, loading into "
                              f"{self.world_size} (set learner.num_learners={state['world_size']})")
@@ -357,7 +357,11 @@ def _with_lora(model, lcfg):
 def _rng_state() -> dict:
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # plain tensors, ints and lists only, so that loading needs no pickle (torch.load weights_only)
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -367,8 +371,9 @@ def _set_rng_state(state: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
