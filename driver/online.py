@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import sys
@@ -25,269 +24,23 @@ from pathlib import Path
 
 import ray
 
+from actors.lifecycle import wait_alive
+from actors.metrics import record_step
+from actors.weight_sync import WeightSync
 from driver.cluster import check_resources, create_actors, start_ray
 from driver.config import Config, PhaseConfig
-from actors.lifecycle import wait_alive
-from actors.weight_sync import WeightSync
-from actors.metrics import record_step
 from driver.monitoring import MetricsLog, ProgressBar
 from driver.prepare import Prepared
+from driver.producers import Drained, OfflineProducer, OnlineProducer, PromptStream
+from driver.recovery import BufferGuard, LearnerDied, answers, first_line, latest_checkpoint
 
-
-class PromptStream:
-    """Cycles through the prompts; epoch e visits them in an order fixed by (seed, e)."""
-
-    def __init__(self, requests: list[dict], seed: int, epoch: int = 0, pos: int = 0):
-        self.requests, self.seed = requests, seed
-        self.epoch, self.pos = epoch, pos
-        self._order = self._order_for(epoch)
-
-    def _order_for(self, epoch: int) -> list[int]:
-        order = list(range(len(self.requests)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def take(self, n: int) -> tuple[int, list[dict]]:
-        """(epoch of the first prompt, n prompts); an epoch boundary may fall inside a batch."""
-        out, epoch = [], None
-        while len(out) < n:
-            if self.pos == len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._order_for(self.epoch)
-            if epoch is None:
-                epoch = self.epoch  # the epoch of the first prompt, after any roll-over
-            out.append(self.requests[self._order[self.pos]])
-            self.pos += 1
-        return epoch, out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-
-class LearnerDied(Exception):
-    """A learner rank died during a step (the buffer still answers)."""
-
-    def __init__(self, ref):
-        super().__init__("a learner rank died")
-        self.ref = ref
-
-    def cause(self) -> str:
-        try:
-            ray.get(self.ref)
-        except Exception as e:  # noqa: BLE001 - report whatever Ray says, in one line
-            return _first_line(e)
-        return "unknown"
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-
-
-class BufferGuard:
-    """Brings the replay buffer back after Ray restarted it (empty): reloads the last checkpoint's
-    buffer, once per death however many calls saw it fail, and counts the rows that were added
-    since that save (the most that can have been lost). Every blocking driver call to the buffer
-    goes through ``call``, which recovers and retries."""
-
-    def __init__(self, buffer, run_dir: Path, pairs_added):
-        self.buffer, self.run_dir, self.pairs_added = buffer, run_dir, pairs_added
-        self.generation = 0  # deaths recovered so far; requests remember the one they were sent in
-        self.restores = self.rows_lost = 0
-        self.rows_at_save = 0  # pairs added when the last checkpoint was written
-        self.version = 0
-        self.overflow = False
-        self.incarnation = ray.get(buffer.ready.remote())
-
-    def call(self, method: str, *args):
-        for _ in range(5):
-            seen = self.generation
-            try:
-                return ray.get(getattr(self.buffer, method).remote(*args))
-            except ray.exceptions.RayActorError:
-                self.lost(seen)
-        raise RuntimeError(f"the replay buffer kept dying during {method}()")
-
-    def lost(self, seen_generation: int) -> None:
-        """A call to the buffer failed: if the buffer restarted (empty), restore it."""
-        if seen_generation != self.generation:
-            return  # already recovered
-        wait_alive(self.buffer)
-        incarnation = ray.get(self.buffer.ready.remote())
-        if incarnation == self.incarnation:
-            return  # the same buffer answers: the failure was elsewhere
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is not None:
-            ray.get(self.buffer.load.remote(str(ckpt / "buffer.parquet")))
-        ray.get(self.buffer.set_version.remote(self.version))
-        ray.get(self.buffer.set_overflow.remote(self.overflow))
-        lost = self.pairs_added() - self.rows_at_save
-        self.incarnation = incarnation
-        self.generation += 1
-        self.restores += 1
-        self.rows_lost += lost
-        print(f"raykd: the replay buffer died; restored from {ckpt or 'empty'} "
-              f"({lost} rows added since that save are lost)", file=sys.stderr)
-
-    def check(self, stats: dict) -> dict:
-        """Catch a restart that no failed call revealed (the buffer died and came back between calls)."""
-        if stats.get("incarnation", self.incarnation) != self.incarnation:
-            self.lost(self.generation)
-            return self.call("stats")
-        return stats
-
-    def set_overflow(self, on: bool) -> None:
-        self.overflow = on
-        self.call("set_overflow", on)
-
-
-class OnlineProducer:
-    """Keeps every sampler's request chain full; logs each request's prompts once they are added.
-
-    A request whose sampler or teacher died is sent again (Ray restarts the actor; a restarted
-    sampler first gets the current weights, and a teacher request goes to another replica when there
-    is one). A request is logged as consumed only once its rows are in the buffer, so no prompt is
-    lost and none is added twice.
-    """
-
-    def __init__(self, cfg: Config, actors, stream: PromptStream, consumed: Path, sync=None,
-                 recovered: dict | None = None, guard: BufferGuard | None = None):
-        self.cfg, self.actors, self.stream, self.consumed, self.sync = cfg, actors, stream, consumed, sync
-        self.guard = guard
-        self.in_flight: dict = {}  # add ref -> request (dict: sampler, gen, pair, epoch, reqs, seed)
-        self.per_sampler = [0] * len(actors.samplers)
-        self.sent = 0
-        self.taken = 0  # prompts taken since the trainer last counted them
-        self.recovered = recovered if recovered is not None else {"sampler": 0, "teacher": 0}
-
-    def top_up(self, version: int) -> None:
-        for i in range(len(self.actors.samplers)):
-            while self.per_sampler[i] < self.cfg.sampler.max_in_flight:
-                epoch, reqs = self.stream.take(self.cfg.sampler.prompts_per_request)
-                self.taken += len(reqs)
-                self._send({"sampler": i, "epoch": epoch, "reqs": reqs,
-                            "seed": self.cfg.run.seed * 1_000_003 + self.sent})
-                self.per_sampler[i] += 1
-                self.sent += 1
-
-    def _send(self, req: dict, gen=None, avoid_teacher: int | None = None) -> None:
-        if gen is None:
-            gen = self.actors.samplers[req["sampler"]].generate.remote(req["reqs"], seed=req["seed"])
-        pair = self.actors.teachers.submit(req["reqs"], gen, avoid=avoid_teacher)
-        self._add(req, gen, pair)
-
-    def _add(self, req: dict, gen, pair) -> None:
-        generation = self.guard.generation if self.guard else 0
-        # one id per request (no prompt repeats within an epoch): the buffer drops a re-sent duplicate
-        request_id = f"{req['epoch']}:" + ",".join(r["prompt_id"] for r in req["reqs"])
-        self.in_flight[self.actors.buffer.add.remote(pair, None, request_id)] = {
-            **req, "gen": gen, "pair": pair, "buffer_generation": generation}
-
-    def pending(self) -> list:
-        return list(self.in_flight)
-
-    def complete(self, ref) -> int:
-        req = self.in_flight.pop(ref)
-        teacher = self.actors.teachers.done(req["pair"])
-        try:
-            added = ray.get(ref)  # raises the producer's error, if any
-        except ray.exceptions.RayActorError:
-            self._resend(req, teacher)
-            return 0
-        self.per_sampler[req["sampler"]] -= 1
-        with open(self.consumed, "a") as f:
-            f.write(json.dumps({"epoch": req["epoch"], "prompt_ids": [r["prompt_id"] for r in req["reqs"]]}) + "\n")
-        return added
-
-    def _resend(self, req: dict, teacher: int | None) -> None:
-        try:
-            ray.get(req["gen"])
-        except ray.exceptions.RayActorError:  # the sampler died: Ray restarts it; it needs the weights
-            self.recovered["sampler"] += 1
-            wait_alive(self.actors.samplers[req["sampler"]])
-            if self.sync is not None:
-                self.sync.resend_to(req["sampler"])
-            self._send(req)
-            return
-        try:
-            ray.get(req["pair"])
-        except ray.exceptions.RayActorError:
-            pass
-        else:  # sampler and teacher answered: the buffer died
-            if self.guard is None:
-                raise
-            self.guard.lost(req["buffer_generation"])
-            self._add(req, req["gen"], req["pair"])
-            return
-        self.recovered["teacher"] += 1  # the teacher died: its request goes to another replica
-        if len(self.actors.teachers.workers) == 1 and teacher is not None:
-            wait_alive(self.actors.teachers.workers[teacher])
-        self._send(req, gen=req["gen"], avoid_teacher=teacher)
-
-    def state(self) -> dict:
-        assert not self.in_flight, "drain before saving producer state"
-        return {"stream": self.stream.state()}
-
-
-class OfflineProducer:
-    """Feeds a generated dataset into the buffer in slices, cycling over it."""
-
-    def __init__(self, cfg: Config, buffer, table, epoch: int = 0, pos: int = 0,
-                 guard: BufferGuard | None = None):
-        self.buffer, self.table, self.guard = buffer, table, guard
-        self.chunk = cfg.sampler.prompts_per_request
-        self.epoch, self.pos = epoch, pos
-        self.in_flight: dict = {}
-        self.taken = 0  # counts prompts of the online stream only
-
-    def top_up(self, version: int) -> None:
-        while len(self.in_flight) < 2:
-            if self.pos >= self.table.num_rows:
-                self.epoch, self.pos = self.epoch + 1, 0
-            rows = self.table.slice(self.pos, self.chunk)
-            self._add(rows, f"offline:{self.epoch}:{self.pos}")
-            self.pos += rows.num_rows
-
-    def _add(self, rows, request_id: str) -> None:
-        self.in_flight[self.buffer.add.remote(rows, None, request_id)] = (
-            rows, request_id, self.guard.generation if self.guard else 0)
-
-    def pending(self) -> list:
-        return list(self.in_flight)
-
-    def complete(self, ref) -> int:
-        rows, request_id, generation = self.in_flight.pop(ref)
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayActorError:
-            if self.guard is None:
-                raise
-            self.guard.lost(generation)
-            self._add(rows, request_id)
-            return 0
-
-    def state(self) -> dict:
-        assert not self.in_flight, "drain before saving producer state"
-        return {"epoch": self.epoch, "pos": self.pos}
-
-
-def _answers(actor) -> bool:
-    """False when the actor is dead or being restarted."""
-    try:
-        ray.get(actor.ready.remote(), timeout=30)
-        return True
-    except ray.exceptions.RayActorError:
-        return False
+__all__ = ["Trainer", "run_online", "latest_checkpoint", "PromptStream"]
 
 
 def _probe(actors, prep: Prepared) -> str:
     """Sampler 0's greedy answer to the first prompt: shows (and tests) that new weights arrived."""
     gen = ray.get(actors.samplers[0].generate.remote(prep.requests[:1], greedy=True))[0]
     return prep.tokenizer.decode(gen.token_ids)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
-    return ckpts[-1] if ckpts else None
 
 
 class Trainer:
@@ -347,9 +100,9 @@ class Trainer:
         A rank that dies again during the restart counts as another restart."""
         self._drain(producer)  # what is in flight lands, then the restore rewinds it away
         while True:
-            dead = [f"learner-{i}" for i, a in enumerate(self.actors.learners.learners) if not _answers(a)]
+            dead = [f"learner-{i}" for i, a in enumerate(self.actors.learners.learners) if not answers(a)]
             who = ", ".join(dead) or "a learner rank"
-            cause = died.cause() if isinstance(died, LearnerDied) else _first_line(died)
+            cause = died.cause() if isinstance(died, LearnerDied) else first_line(died)
             ckpt = latest_checkpoint(self.run_dir)
             self.learner_restarts += 1
             if self.learner_restarts > self.cfg.learner.max_restarts or ckpt is None:
@@ -433,7 +186,7 @@ class Trainer:
                     if every and self.step % every == 0:
                         self.save_checkpoint(producer)
             except (LearnerDied, ray.exceptions.RayActorError) as err:
-                if not isinstance(err, LearnerDied) and all(_answers(a) for a in self.actors.learners.learners):
+                if not isinstance(err, LearnerDied) and all(answers(a) for a in self.actors.learners.learners):
                     raise  # not a learner: nothing to restart here
                 self._restart_learners(err, producer)
                 bar.reset_to(self.step)
@@ -448,7 +201,7 @@ class Trainer:
             self.sync.push(self.version)
         self.sync_seconds = self.sync.wait() or self.sync_seconds
         if not (every and self.step % every == 0):
-            self.save_checkpoint(_Drained())
+            self.save_checkpoint(Drained())
         return self._summary()
 
     def _summary(self, interrupted_at: str | None = None) -> dict:
@@ -506,7 +259,7 @@ class Trainer:
                 try:
                     metrics = ray.get(train_ref)
                 except ray.exceptions.RayActorError:
-                    if not all(_answers(a) for a in actors.learners.learners):
+                    if not all(answers(a) for a in actors.learners.learners):
                         raise LearnerDied(train_ref) from None  # the caller restarts the group
                     self.guard.lost(generation)  # the batch's buffer died; then take the step again
                 break
@@ -569,18 +322,6 @@ class GracefulStop:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
-
-
-class _Drained:
-    """Stands in for a producer at the end of the run, when nothing is in flight."""
-
-    taken = 0
-
-    def pending(self) -> list:
-        return []
-
-    def state(self) -> dict:
-        return {}
 
 
 def _count_lines(path: Path) -> int:

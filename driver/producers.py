@@ -1,0 +1,186 @@
+"""What fills the replay buffer: the online producer chain (samplers -> teachers -> buffer) and the
+offline one (slices of a generated dataset -> buffer), plus the prompt stream they draw from."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import ray
+
+from actors.lifecycle import wait_alive
+from driver.config import Config
+from driver.recovery import BufferGuard
+
+
+class PromptStream:
+    """Cycles through the prompts; epoch e visits them in an order fixed by (seed, e)."""
+
+    def __init__(self, requests: list[dict], seed: int, epoch: int = 0, pos: int = 0):
+        self.requests, self.seed = requests, seed
+        self.epoch, self.pos = epoch, pos
+        self._order = self._order_for(epoch)
+
+    def _order_for(self, epoch: int) -> list[int]:
+        order = list(range(len(self.requests)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> tuple[int, list[dict]]:
+        """(epoch of the first prompt, n prompts); an epoch boundary may fall inside a batch."""
+        out, epoch = [], None
+        while len(out) < n:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._order_for(self.epoch)
+            if epoch is None:
+                epoch = self.epoch  # the epoch of the first prompt, after any roll-over
+            out.append(self.requests[self._order[self.pos]])
+            self.pos += 1
+        return epoch, out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+class OnlineProducer:
+    """Keeps every sampler's request chain full; logs each request's prompts once they are added.
+
+    A request whose sampler or teacher died is sent again (Ray restarts the actor; a restarted
+    sampler first gets the current weights, and a teacher request goes to another replica when there
+    is one). A request is logged as consumed only once its rows are in the buffer, so no prompt is
+    lost and none is added twice.
+    """
+
+    def __init__(self, cfg: Config, actors, stream: PromptStream, consumed: Path, sync=None,
+                 recovered: dict | None = None, guard: BufferGuard | None = None):
+        self.cfg, self.actors, self.stream, self.consumed, self.sync = cfg, actors, stream, consumed, sync
+        self.guard = guard
+        self.in_flight: dict = {}  # add ref -> request (dict: sampler, gen, pair, epoch, reqs, seed)
+        self.per_sampler = [0] * len(actors.samplers)
+        self.sent = 0
+        self.taken = 0  # prompts taken since the trainer last counted them
+        self.recovered = recovered if recovered is not None else {"sampler": 0, "teacher": 0}
+
+    def top_up(self, version: int) -> None:
+        for i in range(len(self.actors.samplers)):
+            while self.per_sampler[i] < self.cfg.sampler.max_in_flight:
+                epoch, reqs = self.stream.take(self.cfg.sampler.prompts_per_request)
+                self.taken += len(reqs)
+                self._send({"sampler": i, "epoch": epoch, "reqs": reqs,
+                            "seed": self.cfg.run.seed * 1_000_003 + self.sent})
+                self.per_sampler[i] += 1
+                self.sent += 1
+
+    def _send(self, req: dict, gen=None, avoid_teacher: int | None = None) -> None:
+        if gen is None:
+            gen = self.actors.samplers[req["sampler"]].generate.remote(req["reqs"], seed=req["seed"])
+        pair = self.actors.teachers.submit(req["reqs"], gen, avoid=avoid_teacher)
+        self._add(req, gen, pair)
+
+    def _add(self, req: dict, gen, pair) -> None:
+        generation = self.guard.generation if self.guard else 0
+        # one id per request (no prompt repeats within an epoch): the buffer drops a re-sent duplicate
+        request_id = f"{req['epoch']}:" + ",".join(r["prompt_id"] for r in req["reqs"])
+        self.in_flight[self.actors.buffer.add.remote(pair, None, request_id)] = {
+            **req, "gen": gen, "pair": pair, "buffer_generation": generation}
+
+    def pending(self) -> list:
+        return list(self.in_flight)
+
+    def complete(self, ref) -> int:
+        req = self.in_flight.pop(ref)
+        teacher = self.actors.teachers.done(req["pair"])
+        try:
+            added = ray.get(ref)  # raises the producer's error, if any
+        except ray.exceptions.RayActorError:
+            self._resend(req, teacher)
+            return 0
+        self.per_sampler[req["sampler"]] -= 1
+        with open(self.consumed, "a") as f:
+            f.write(json.dumps({"epoch": req["epoch"], "prompt_ids": [r["prompt_id"] for r in req["reqs"]]}) + "\n")
+        return added
+
+    def _resend(self, req: dict, teacher: int | None) -> None:
+        try:
+            ray.get(req["gen"])
+        except ray.exceptions.RayActorError:  # the sampler died: Ray restarts it; it needs the weights
+            self.recovered["sampler"] += 1
+            wait_alive(self.actors.samplers[req["sampler"]])
+            if self.sync is not None:
+                self.sync.resend_to(req["sampler"])
+            self._send(req)
+            return
+        try:
+            ray.get(req["pair"])
+        except ray.exceptions.RayActorError:
+            pass
+        else:  # sampler and teacher answered: the buffer died
+            if self.guard is None:
+                raise
+            self.guard.lost(req["buffer_generation"])
+            self._add(req, req["gen"], req["pair"])
+            return
+        self.recovered["teacher"] += 1  # the teacher died: its request goes to another replica
+        if len(self.actors.teachers.workers) == 1 and teacher is not None:
+            wait_alive(self.actors.teachers.workers[teacher])
+        self._send(req, gen=req["gen"], avoid_teacher=teacher)
+
+    def state(self) -> dict:
+        assert not self.in_flight, "drain before saving producer state"
+        return {"stream": self.stream.state()}
+
+
+class OfflineProducer:
+    """Feeds a generated dataset into the buffer in slices, cycling over it."""
+
+    def __init__(self, cfg: Config, buffer, table, epoch: int = 0, pos: int = 0,
+                 guard: BufferGuard | None = None):
+        self.buffer, self.table, self.guard = buffer, table, guard
+        self.chunk = cfg.sampler.prompts_per_request
+        self.epoch, self.pos = epoch, pos
+        self.in_flight: dict = {}
+        self.taken = 0  # counts prompts of the online stream only
+
+    def top_up(self, version: int) -> None:
+        while len(self.in_flight) < 2:
+            if self.pos >= self.table.num_rows:
+                self.epoch, self.pos = self.epoch + 1, 0
+            rows = self.table.slice(self.pos, self.chunk)
+            self._add(rows, f"offline:{self.epoch}:{self.pos}")
+            self.pos += rows.num_rows
+
+    def _add(self, rows, request_id: str) -> None:
+        self.in_flight[self.buffer.add.remote(rows, None, request_id)] = (
+            rows, request_id, self.guard.generation if self.guard else 0)
+
+    def pending(self) -> list:
+        return list(self.in_flight)
+
+    def complete(self, ref) -> int:
+        rows, request_id, generation = self.in_flight.pop(ref)
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError:
+            if self.guard is None:
+                raise
+            self.guard.lost(generation)
+            self._add(rows, request_id)
+            return 0
+
+    def state(self) -> dict:
+        assert not self.in_flight, "drain before saving producer state"
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+class Drained:
+    """Stands in for a producer at the end of the run, when nothing is in flight."""
+
+    taken = 0
+
+    def pending(self) -> list:
+        return []
+
+    def state(self) -> dict:
+        return {}
