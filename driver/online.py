@@ -81,8 +81,6 @@ class Trainer:
         state = {"step": self.step, "version": self.version, "phase_index": self.phase_index,
                  "phase_step": self.phase_step, "pairs_added": self.pairs_added,
                  "prompts_requested": self.prompts_requested,
-            "buffer_restores": self.guard.restores, "buffer_rows_lost": self.guard.rows_lost,
-            "learner_restarts": self.learner_restarts,
                  "producer": producer.state(), "elapsed_s": self._elapsed(),
                  "metrics_rows": self.step, "consumed_lines": _count_lines(self.consumed)}
         (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
