@@ -64,6 +64,10 @@ class DataConfig:
 class PrimingConfig:
     strategy: str = "none"
     template: str | None = None  # custom instruction; '{answer}' is filled for answer_hint
+    # reference: the paper's reference-code instructions, prepended to the question (its placement);
+    # raykd: raykd's earlier paraphrases. See docs/priming.md.
+    wording: Literal["reference", "raykd"] = "reference"
+    placement: Literal["prepend", "append"] = "prepend"
     score_with: Literal["primed", "plain"] = "primed"
 
 

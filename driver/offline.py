@@ -38,6 +38,7 @@ def _identity(cfg, num_requests: int, shard_size: int) -> dict:
     return {
         "teacher": cfg.models.teacher, "data": cfg.data.source, "num_prompts": num_requests,
         "priming": cfg.priming.strategy, "priming_template": cfg.priming.template,
+        "priming_wording": cfg.priming.wording, "priming_placement": cfg.priming.placement,
         "score_with": cfg.priming.score_with, "max_new_tokens": t.max_new_tokens,
         "temperature": t.temperature, "top_p": t.top_p, "top_k_logprobs": t.top_k_logprobs,
         "shard_size": shard_size, "seed": cfg.run.seed,

@@ -90,7 +90,7 @@ def build_requests(cfg: Config, tok, records) -> tuple[list[dict], int]:
     requests, skipped = [], 0
     for i, rec in enumerate(records):
         student = encode_chat(tok, d.system_prompt, rec.question, d.chat_template)
-        teacher_q = prime(rec.question, p.strategy, rec.answer, p.template)
+        teacher_q = prime(rec.question, p.strategy, rec.answer, p.template, p.placement, p.wording)
         teacher = encode_chat(tok, d.system_prompt, teacher_q, d.chat_template)
         if max(len(student), len(teacher)) > d.max_prompt_tokens:
             if d.on_overlong == "error":
