@@ -34,8 +34,8 @@ no tail and the result equals the full-logits loss. The k ids of a position must
 Temperature ``tau``: with full logits both sides are ``softmax(logits / tau)``. A ``TopK`` teacher with
 k < V and ``tau != 1`` is refused (ValueError): its log-probs come at temperature 1 and the tail's inner
 distribution is unknown, so the tempered teacher cannot be formed, and tempering the k+1 buckets instead
-is a different objective, not an approximation (forward KL 3.10 against 1.21 on the full vocabulary at
-tau=2, k=8). With k == V there is no tail and tempering is exact. No ``tau**2`` factor is applied; scale
+is a different objective, not an approximation (a reported example: forward KL 3.10 against 1.21 on the
+full vocabulary at tau=2, k=8). With k == V there is no tail and tempering is exact. No ``tau**2`` factor is applied; scale
 outside if wanted.
 
 Non-finite inputs: log-probabilities on BOTH sides are floored at ``log(float32 tiny)`` ~ -87.3 (after
