@@ -73,7 +73,7 @@ def _summed_metrics() -> set[str]:
     of them): they add up over micro-batches and ranks. The rest are batch means: row-weighted."""
     from kd.losses import DIVERGENCES
 
-    return {"loss", "lm_loss", "dpkd_token_loss", "pg_loss", *(f"{k}_loss" for k in DIVERGENCES)}
+    return {"loss", "sft_loss", "dpkd_token_loss", "pg_loss", *(f"{k}_loss" for k in DIVERGENCES)}
 
 
 class Learner:
@@ -158,18 +158,19 @@ class Learner:
 
     # -- training --------------------------------------------------------------------------------
 
-    def _global_counts(self, table) -> tuple[int, dict]:
-        """Pairs and response tokens of the WHOLE step's batch, over all ranks (the denominators)."""
+    def _global_counts(self, table, loss_cfg) -> dict:
+        """``kd.objective.token_counts`` of the WHOLE step's batch, summed over all ranks (the
+        denominators); the same function compute_loss uses, so the counts match what it reads."""
         import torch.distributed as dist
 
-        local = torch.tensor([table.num_rows,
-                              sum(map(len, table.column("chosen_ids").to_pylist())),
-                              sum(map(len, table.column("rejected_ids").to_pylist()))],
-                             dtype=torch.float64)
+        from kd.objective import token_counts
+
+        counts = token_counts(table, loss_cfg)
+        keys = sorted(counts)  # the same order on every rank
+        local = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
         if self.world_size > 1:
             dist.all_reduce(local)
-        pairs, c, r = (int(x) for x in local.tolist())
-        return pairs, {"chosen": c, "rejected": r}
+        return {k: int(v) for k, v in zip(keys, local.tolist())}
 
     def train_step(self, table, loss_cfg=None) -> dict:
         """One optimiser step on this rank's rows of ``table`` (``rank::world_size``), in
@@ -183,7 +184,7 @@ class Learner:
         the world size to undo that. Net: K ranks x G micro-batches take the same step as one rank
         on the whole batch in one go.
         """
-        from kd.objective import compute_loss
+        from kd.objective import compute_loss, resolve_loss
 
         if table.num_rows == 0:
             raise ValueError("train_step got an empty batch")
@@ -191,7 +192,8 @@ class Learner:
         gas = self.engine.gradient_accumulation_steps()
         parts = split_rows(table.num_rows, self.rank, self.world_size, gas)
         mine = table.take([i for p in parts for i in p]) if self.world_size > 1 else table
-        pairs, tokens = self._global_counts(mine)
+        loss_cfg = resolve_loss(loss_cfg or self.loss_cfg)
+        counts = self._global_counts(mine, loss_cfg)
         self.engine.train()
         sums: dict[str, list[float]] = {}  # key -> [value sum, weight]
         summed = _summed_metrics()
@@ -200,8 +202,7 @@ class Learner:
             # An empty part still runs a forward/backward (on row 0, weight 0): under ZeRO-3 every
             # rank must run the same number of forwards, as each gathers parameters collectively.
             micro = table.take(rows or [0])
-            loss, metrics = compute_loss(self.engine, micro, loss_cfg or self.loss_cfg, self.pad_id, pairs,
-                                         tokens, self.world_size)
+            loss, metrics = compute_loss(self.engine, micro, loss_cfg, self.pad_id, counts, self.world_size)
             self.engine.backward(loss if rows else loss * 0.0, scale_wrt_gas=False)
             if self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._plain_grad_norm()

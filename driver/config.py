@@ -13,13 +13,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from kd.errors import UserInputError
 
-from kd.losses import LOSS_TYPES
+from kd.losses import DIVERGENCES, LOSS_TYPES
+from kd.objective import resolve_loss
 from kd.priming import STRATEGIES
 
 
@@ -143,9 +144,20 @@ class LearnerConfig:
 
 @dataclass
 class LossConfig:
+    """loss = kd_coef * (the method's term) + sft_coef * CE(y_t). None: the method's default from
+    ``kd.objective.METHOD_DEFAULTS``, filled in by ``validate`` (docs/losses.md has the table)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lm_coef": "renamed to sft_coef, the weight of cross-entropy on the teacher's response y_t (the "
+                   "distillation term has its own weight, kd_coef; see docs/losses.md)",
+    }
+
     type: str = "dpkd"
+    kd_coef: float | None = None  # weight of the distillation term (loss.type's own)
+    sft_coef: float | None = None  # weight of cross-entropy on the teacher's response y_t
+    # divergences only: probability that a row's divergence is on the student's sample y_s, else on y_t
+    student_ratio: float | None = None
     beta: float = 0.1
-    lm_coef: float = 0.5  # weight of the LM (SFT) term on the teacher's output
     label_smoothing: float = 0.0
     length_normalize: bool = True
     temperature: float = 1.0
@@ -295,9 +307,12 @@ def _build(cls, data: Any, path: str):
         raise ConfigError(f"{path or 'config'}={data!r}: expected a mapping")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    renamed = getattr(cls, "RENAMED", {})
     for key in data:
         if key not in names:
             where = f"{path}.{key}" if path else key
+            if key in renamed:
+                raise ConfigError(f"{where}: {renamed[key]}")
             raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -359,7 +374,6 @@ def validate(cfg: Config) -> Config:
         "sampler.engine.num_cpus": cfg.sampler.engine.num_cpus,
         "teacher.temperature": cfg.teacher.temperature,
         "sampler.temperature": cfg.sampler.temperature,
-        "loss.lm_coef": cfg.loss.lm_coef,
         "learner.grad_clip": cfg.learner.grad_clip,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "eval.every_steps": cfg.eval.every_steps,
@@ -367,12 +381,7 @@ def validate(cfg: Config) -> Config:
     for path, v in non_negative.items():
         _check(v >= 0, path, v, "must be >= 0")
     _check(cfg.learner.lr > 0, "learner.lr", cfg.learner.lr, "must be > 0")
-    _check(cfg.loss.beta > 0, "loss.beta", cfg.loss.beta, "must be > 0")
-    _check(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "must be > 0")
-    _check(0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing", cfg.loss.label_smoothing,
-           "must be in [0, 0.5)")
-    _check(0 <= cfg.loss.jsd_beta <= 1, "loss.jsd_beta", cfg.loss.jsd_beta, "must be in [0, 1]")
-    _check(0 <= cfg.loss.skew_alpha < 1, "loss.skew_alpha", cfg.loss.skew_alpha, "must be in [0, 1)")
+    cfg.loss = _check_loss(cfg.loss, "loss")
     for role in ("teacher", "sampler"):
         v = getattr(cfg, role).engine.gpu_memory_utilization
         _check(0 < v <= 1, f"{role}.engine.gpu_memory_utilization", v, "must be in (0, 1]")
@@ -380,8 +389,6 @@ def validate(cfg: Config) -> Config:
     _check(0 < cfg.sampler.top_p <= 1, "sampler.top_p", cfg.sampler.top_p, "must be in (0, 1]")
     _check(cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", cfg.learner.zero_stage,
            "must be one of 0, 1, 2, 3")
-    _check(cfg.loss.type in LOSS_TYPES, "loss.type", cfg.loss.type,
-           f"must be one of {', '.join(LOSS_TYPES)}")
     _check(cfg.priming.strategy in STRATEGIES, "priming.strategy", cfg.priming.strategy,
            f"must be one of {', '.join(STRATEGIES)}")
     _check(cfg.buffer.min_size_to_train <= cfg.buffer.capacity, "buffer.min_size_to_train",
@@ -399,14 +406,19 @@ def validate(cfg: Config) -> Config:
     for i, ph in enumerate(cfg.schedule):
         where = f"schedule[{i}]"
         _check(ph.steps > 0, f"{where}.steps", ph.steps, "must be a positive integer")
+        if ph.loss is not None:
+            ph.loss = _check_loss(ph.loss, f"{where}.loss")
         loss = ph.loss or cfg.loss
-        _check(loss.type in LOSS_TYPES, f"{where}.loss.type", loss.type, f"must be one of {', '.join(LOSS_TYPES)}")
         if ph.kind == "offline":
             _check(ph.data is not None, f"{where}.data", ph.data,
                    "an offline phase needs a dataset directory written by `raykd generate`")
             _check(loss.type not in ("dpkd", "pg_rkl"), f"{where}.loss.type", loss.type,
                    "needs the student's responses, which offline data has none of (use sft, fkl, ... "
                    "or an online phase)")
+            if loss.type in DIVERGENCES:
+                _check(loss.student_ratio == 0, f"{where}.loss.student_ratio", loss.student_ratio,
+                       "an offline phase has no student samples: set it to 0 (the divergence on the "
+                       "teacher's text) or use an online phase")
         else:
             _check(ph.data is None, f"{where}.data", ph.data, "online phases sample their own data")
     if cfg.learner.bf16 == "on":
@@ -422,6 +434,37 @@ def validate(cfg: Config) -> Config:
         _check(cfg.data.answer_field is not None, "data.answer_field", None,
                "priming.strategy=answer_hint needs the reference answer field")
     return cfg
+
+
+def _check_loss(loss: LossConfig, where: str) -> LossConfig:
+    """Check one loss section (``loss`` or ``schedule[i].loss``) and return it with the method's
+    defaults filled in, so that the resolved config shows every weight as a number."""
+    _check(loss.type in LOSS_TYPES, f"{where}.type", loss.type, f"must be one of {', '.join(LOSS_TYPES)}")
+    if loss.type not in DIVERGENCES:
+        _check(loss.student_ratio is None, f"{where}.student_ratio", loss.student_ratio,
+               f"only for the token-level divergences ({', '.join(DIVERGENCES)}); loss.type={loss.type} fixes "
+               "its sequences (dpkd: y_t and y_s; dpkd_token, sft: y_t; pg_rkl: y_s)")
+    loss = resolve_loss(loss)
+    for key in ("kd_coef", "sft_coef"):
+        _check(getattr(loss, key) >= 0, f"{where}.{key}", getattr(loss, key), "must be >= 0")
+    _check(loss.kd_coef > 0 or loss.sft_coef > 0, f"{where}.kd_coef", loss.kd_coef,
+           f"must be > 0 when {where}.sft_coef is 0 (with both 0 the loss is 0)")
+    if loss.type == "sft":
+        _check(loss.kd_coef == 0, f"{where}.kd_coef", loss.kd_coef,
+               "must be 0 for loss.type=sft (it has no distillation term; sft_coef weights its CE)")
+    if loss.type in DIVERGENCES:
+        _check(0 <= loss.student_ratio <= 1, f"{where}.student_ratio", loss.student_ratio, "must be in [0, 1]")
+        _check(loss.temperature == 1, f"{where}.temperature", loss.temperature,
+               f"must be 1 with loss.type={loss.type}: the learner gets the teacher's top-k log-probs, and a "
+               "tempered top-k divergence is a different objective, not an approximation (set "
+               f"{where}.temperature=1)")
+    _check(loss.beta > 0, f"{where}.beta", loss.beta, "must be > 0")
+    _check(loss.temperature > 0, f"{where}.temperature", loss.temperature, "must be > 0")
+    _check(0 <= loss.label_smoothing < 0.5, f"{where}.label_smoothing", loss.label_smoothing,
+           "must be in [0, 0.5)")
+    _check(0 <= loss.jsd_beta <= 1, f"{where}.jsd_beta", loss.jsd_beta, "must be in [0, 1]")
+    _check(0 <= loss.skew_alpha < 1, f"{where}.skew_alpha", loss.skew_alpha, "must be in [0, 1)")
+    return loss
 
 
 def check_paths(cfg: Config) -> Config:

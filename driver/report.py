@@ -52,10 +52,10 @@ PLOTS = (
 )
 
 # metrics tabulated in report.md; "best" is the min or max by the metric's direction (none: "-")
-LOWER_IS_BETTER = {"loss", "dpkd_loss", "lm_loss", "rejected_reward", "policy_lag", "step_time_s",
+LOWER_IS_BETTER = {"loss", "dpkd_loss", "sft_loss", "rejected_reward", "policy_lag", "step_time_s",
                    "weight_sync_s", "train_step_s"}
 HIGHER_IS_BETTER = {"reward_margin", "reward_accuracy", "chosen_reward", "samples_per_s"}
-TABLE_KEYS = ("loss", "dpkd_loss", "lm_loss", "reward_margin", "reward_accuracy", "chosen_reward",
+TABLE_KEYS = ("loss", "dpkd_loss", "sft_loss", "reward_margin", "reward_accuracy", "chosen_reward",
               "rejected_reward", "samples_per_s", "policy_lag", "buffer_size", "step_time_s", "weight_sync_s")
 
 

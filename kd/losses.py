@@ -31,17 +31,19 @@ outcomes (its mass on the k ids, and all the rest in its tail), so each divergen
 k+1 outcomes (and, by data processing, a lower bound on the full-vocabulary one). With k == V there is
 no tail and the result equals the full-logits loss. The k ids of a position must be distinct.
 
-Temperature ``tau``: with full logits both sides are ``softmax(logits / tau)``. With ``TopK`` the
-teacher's logprobs come at temperature 1 and the tail's inner distribution is unknown, so both sides are
-first coarsened to the k+1 outcomes at temperature 1 and then tempered as k+1-outcome distributions:
-``log_softmax(bucket_logprobs / tau)``. This treats student and teacher identically, is exact at
-``tau == 1`` and at k == V (tempering a coarsened distribution with no tail is tempering the original),
-and only approximates the tail's tempered mass otherwise. No ``tau**2`` factor is applied; scale
+Temperature ``tau``: with full logits both sides are ``softmax(logits / tau)``. A ``TopK`` teacher with
+k < V and ``tau != 1`` is refused (ValueError): its log-probs come at temperature 1 and the tail's inner
+distribution is unknown, so the tempered teacher cannot be formed, and tempering the k+1 buckets instead
+is a different objective, not an approximation (a reported example: forward KL 3.10 against 1.21 on the
+full vocabulary at tau=2, k=8). With k == V there is no tail and tempering is exact. No ``tau**2`` factor is applied; scale
 outside if wanted.
 
-Teacher log-probabilities are floored at ``log(float32 tiny)`` ~ -87.3 after tempering, so outcomes the
-teacher rules out (``-inf`` logits, a zero tail) give a large but finite reverse-KL penalty, never inf/NaN.
-Student logits must be finite.
+Non-finite inputs: log-probabilities on BOTH sides are floored at ``log(float32 tiny)`` ~ -87.3 (after
+tempering), so a ``-inf`` teacher logit or log-prob (an outcome the teacher rules out, a zero tail) and a
+``-inf`` student logit give large but finite values with finite gradients, never inf/NaN. The floor is a
+``clamp``: a floored entry gets zero gradient, and no NaN can reach the gradient through a masked branch.
+``dpkd_token_loss`` floors the same way, ``reverse_kl_policy_gradient`` floors the teacher log-probs and
+``dpkd_loss`` floors each reference sum at ``len * floor``.
 """
 
 from __future__ import annotations
@@ -167,6 +169,12 @@ def _check_inputs(student_logits: Tensor, teacher, mask: Tensor, temperature: fl
                 f"TopK ids {tuple(ids.shape)} and logprobs {tuple(lps.shape)} must both be "
                 f"{lead} + (k,) with 1 <= k <= V={vocab}"
             )
+        if temperature != 1 and ids.shape[-1] < vocab:
+            raise ValueError(
+                f"temperature={temperature} with a top-k teacher (k={ids.shape[-1]} < V={vocab}): the tempered "
+                "teacher needs its full distribution, and tempering the k+1 buckets is a different objective, "
+                "not an approximation; use temperature=1 or full teacher logits"
+            )
         return (ids.long(), lps)
     if not isinstance(teacher, Tensor) or teacher.shape != student_logits.shape:
         got = tuple(teacher.shape) if isinstance(teacher, Tensor) else type(teacher).__name__
@@ -200,8 +208,9 @@ def _student_topk_buckets(x: Tensor, ids: Tensor) -> Tensor:
 
 
 def _log_probs(x: Tensor, teacher: tuple, temperature: float) -> tuple[Tensor, Tensor]:
-    """``(log q, log p)``, each ``[n, K]``, from student logits ``x [n, V]`` and a teacher chunk (either
-    ``(logits [n, V],)`` or ``(ids [n, k], logprobs [n, k])``); see the module docstring on temperature."""
+    """``(log q, log p)``, each ``[n, K]`` and floored at ``_LOG_TINY``, from student logits ``x [n, V]``
+    and a teacher chunk (either ``(logits [n, V],)`` or ``(ids [n, k], logprobs [n, k])``; top-k only at
+    temperature 1 or k == V, see ``_check_inputs``)."""
     if len(teacher) == 2:
         ids, lps = teacher
         student = _student_topk_buckets(x, ids)
@@ -210,13 +219,15 @@ def _log_probs(x: Tensor, teacher: tuple, temperature: float) -> tuple[Tensor, T
         student, teacher_b = x, teacher[0].to(x.dtype)
     if temperature != 1:  # skipped at 1: two [n, V] temporaries fewer
         student, teacher_b = student / temperature, teacher_b / temperature
-    logq = F.log_softmax(student, -1)
-    logp = F.log_softmax(teacher_b, -1)
-    return logq, logp.clamp(min=_LOG_TINY)
+    # Floor both sides: a -inf logit would otherwise give 0 * -inf = NaN in the KL sums. clamp() passes
+    # no gradient to floored entries (their probability is below float32 tiny anyway).
+    logq = F.log_softmax(student, -1).clamp(min=_LOG_TINY)
+    logp = F.log_softmax(teacher_b, -1).clamp(min=_LOG_TINY)
+    return logq, logp
 
 
 def _kl(loga: Tensor, logb: Tensor) -> Tensor:
-    """Row-wise ``KL(a || b)`` from log-probabilities (finite, so ``0 * log 0`` never arises)."""
+    """Row-wise ``KL(a || b)`` from floored (finite) log-probabilities, so ``0 * log 0`` never arises."""
     return (loga.exp() * (loga - logb)).sum(-1)
 
 
@@ -367,6 +378,8 @@ def dpkd_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     ``z = beta/|y_t| * (log q(y_t) - log p(y_t)) - beta/|y_s| * (log q(y_s) - log p(y_s))``
     (no ``1/|y|`` with ``length_normalize=False``);
     ``loss = mean_b[(1 - eps) * -log sigmoid(z) + eps * -log sigmoid(-z)]`` (conservative DPO smoothing).
+    Each reference sum is floored at ``max(len, 1) * log(float32 tiny)``, so a ``-inf`` teacher log-prob
+    gives a finite loss and gradient.
 
     Returns ``(loss, chosen_rewards [B], rejected_rewards [B])``; the rewards are the two detached terms of
     ``z``. The loss is below log 2 when the student prefers the teacher's output more than the teacher does.
@@ -375,10 +388,14 @@ def dpkd_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     pc, pr, rc, rr = (_up(t) for t in (policy_chosen_logps, policy_rejected_logps,
                                        ref_chosen_logps, ref_rejected_logps))
+    len_c = _up(torch.as_tensor(chosen_lengths, device=pc.device)).clamp(min=1)
+    len_r = _up(torch.as_tensor(rejected_lengths, device=pc.device)).clamp(min=1)
+    # A -inf teacher log-prob makes a reference sum -inf, the reward +inf and the gradient NaN: floor each
+    # sum where per-token flooring would put it (every token at log(float32 tiny)).
+    rc, rr = torch.maximum(rc, _LOG_TINY * len_c), torch.maximum(rr, _LOG_TINY * len_r)
     scale_c = scale_r = torch.full_like(pc, beta)
     if length_normalize:
-        scale_c = beta / _up(torch.as_tensor(chosen_lengths, device=pc.device)).clamp(min=1)
-        scale_r = beta / _up(torch.as_tensor(rejected_lengths, device=pc.device)).clamp(min=1)
+        scale_c, scale_r = beta / len_c, beta / len_r
     chosen = scale_c * (pc - rc.detach())
     rejected = scale_r * (pr - rr.detach())
     z = chosen - rejected
@@ -394,6 +411,10 @@ def _dpkd_token_kernel(beta: float):
     def kernel(x: Tensor, *teacher: Tensor) -> Tensor:
         lse = x.logsumexp(-1, keepdim=True)
         a_s = x.argmax(-1, keepdim=True)
+
+        def logq(a):  # floored, so that a -inf student logit at a_t gives a finite loss and gradient
+            return (x.gather(-1, a) - lse).clamp(min=_LOG_TINY)
+
         if len(teacher) == 1:
             logp = F.log_softmax(teacher[0].to(x.dtype), -1).clamp(min=_LOG_TINY)
             a_t = logp.argmax(-1, keepdim=True)
@@ -410,8 +431,9 @@ def _dpkd_token_kernel(beta: float):
             # tight for near-misses (the usual case for a student's argmax) and never overstates the loss.
             buckets = _teacher_topk_buckets(ids, lps, x.shape[-1], x.dtype)
             bound = buckets.amin(-1, keepdim=True).clamp(min=_LOG_TINY)
-            lp_s = torch.where(hit.any(-1, keepdim=True), known, bound)
-        h = (x.gather(-1, a_t) - lse - lp_t) - (x.gather(-1, a_s) - lse - lp_s)
+            lp_s = torch.where(hit.any(-1, keepdim=True), known, bound)  # teacher side: no gradient
+            lp_t, lp_s = lp_t.clamp(min=_LOG_TINY), lp_s.clamp(min=_LOG_TINY)
+        h = (logq(a_t) - lp_t) - (logq(a_s) - lp_s)
         return -F.logsigmoid(beta * h).squeeze(-1)
 
     return kernel
@@ -452,7 +474,8 @@ def reverse_kl_policy_gradient(student_logps, behaviour_logps, teacher_logps, ma
 
     Inputs ``[B, T]``, for the tokens the sampler produced: ``student_logps`` (current student, carries
     the gradient), ``behaviour_logps`` (the sampler's policy when it sampled), ``teacher_logps``.
-    Reward ``r_t = log p(y_t) - log q(y_t)`` (student detached; minus a one-sample reverse-KL estimate).
+    Reward ``r_t = log p(y_t) - log q(y_t)`` (student detached; minus a one-sample reverse-KL estimate;
+    ``log p`` floored at ``log(float32 tiny)``).
     Advantage ``A_t = r_t`` by default (``gamma=0``); ``gamma > 0`` sums discounted future rewards
     (``gamma=1``: MiniLLM's undiscounted return). Ratio ``rho = exp(student - behaviour)`` corrects for
     stale samples; ``loss = -sum min(rho*A, clip(rho, 1-eps, 1+eps)*A) / num_tokens``.
@@ -470,7 +493,8 @@ def reverse_kl_policy_gradient(student_logps, behaviour_logps, teacher_logps, ma
                          f"{[tuple(t.shape) for t in (student_logps, behaviour_logps, teacher_logps, mask)]}")
     live = mask != 0
     s = _up(student_logps)
-    b, t = _up(behaviour_logps).detach(), _up(teacher_logps).detach()
+    # The teacher floor keeps a -inf teacher log-prob (a token it rules out) a large, finite penalty.
+    b, t = _up(behaviour_logps).detach(), _up(teacher_logps).detach().clamp(min=_LOG_TINY)
     # where(), not multiplication, so that padding holding inf/NaN cannot leak into values or gradients.
     rewards = torch.where(live, t - s.detach(), 0.0)
     adv = rewards if gamma == 0 else _discounted_future_sum(rewards, gamma)

@@ -2,6 +2,13 @@
 
 Pure library (torch, pyarrow): the learner actor wraps it in DeepSpeed; tests call it directly.
 
+The objective is ``kd_coef * main + sft_coef * CE(y_t)``: ``main`` is the method's own term
+(``loss.type``), ``CE(y_t)`` cross-entropy on the teacher's response. For the token-level divergences
+``student_ratio`` is the probability that a row's divergence is computed on the student's sample y_s
+rather than the teacher's y_t (GKD's lambda), drawn per row from a stable hash. ``None`` in a
+``LossConfig`` means the method's default from ``METHOD_DEFAULTS``; ``resolve_loss`` fills them in
+(config validation does, so the run's config.yaml shows numbers). See docs/losses.md.
+
 Layout of a batch: prompts are LEFT-padded to a common width P and responses RIGHT-padded to a common
 width R, so every response starts at column P. The student's logits for the response tokens are then
 the slice ``[:, P-1 : P-1+R]`` for every row, computed with ``logits_to_keep`` (no [B, P+R, V] tensor).
@@ -13,6 +20,8 @@ gradients over ranks; K ranks then take the same step as one rank on the whole b
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -87,83 +96,232 @@ def token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def compute_loss(model, table: pa.Table, cfg, pad_id: int, global_pairs: int | None = None,
-                 global_tokens: dict | None = None, world_size: int = 1) -> tuple[torch.Tensor, dict]:
-    """The loss for ``cfg.type`` (a ``LossConfig``) on ``table`` (buffer rows), plus float metrics.
+# --------------------------------------------------------------------------------------------------
+# What each method optimises, and on which sequences
+# --------------------------------------------------------------------------------------------------
 
-    ``global_pairs`` / ``global_tokens`` (keys 'chosen', 'rejected') are the counts over all ranks;
-    by default this batch's own.
-    """
-    n = table.num_rows
-    prompts = table.column("prompt_ids").to_pylist()
-    chosen = table.column("chosen_ids").to_pylist()
+# loss.type -> default (kd_coef, sft_coef, student_ratio). student_ratio is None where the method fixes
+# its sequences (dpkd: y_t and y_s; dpkd_token, sft: y_t; pg_rkl: y_s). See docs/losses.md for sources.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "dpkd": {"kd_coef": 0.5, "sft_coef": 0.5, "student_ratio": None},  # LMOps dpkd/: kd_ratio 0.5
+    "dpkd_token": {"kd_coef": 0.5, "sft_coef": 0.5, "student_ratio": None},
+    "fkl": {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 0.0},  # supervised KD on teacher text
+    "rkl": {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 1.0},  # GKD on-policy
+    "jsd": {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 1.0},
+    "skew_fkl": {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 1.0},
+    "skew_rkl": {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 1.0},
+    "tvd": {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 1.0},
+    "sft": {"kd_coef": 0.0, "sft_coef": 1.0, "student_ratio": None},
+    "pg_rkl": {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": None},
+}
+assert set(METHOD_DEFAULTS) == set(L.LOSS_TYPES)
+
+
+def resolve_loss(cfg):
+    """``cfg`` (a ``LossConfig``) with every ``None`` weight / ratio replaced by the method's default.
+    Idempotent. A ``student_ratio`` set for a method that fixes its sequences is a ValueError."""
+    if cfg.type not in METHOD_DEFAULTS:
+        raise ValueError(f"unknown loss.type {cfg.type!r}; allowed: {', '.join(METHOD_DEFAULTS)}")
+    if cfg.type not in L.DIVERGENCES and cfg.student_ratio is not None:
+        raise ValueError(f"loss.student_ratio is for the token-level divergences only; {cfg.type} fixes its "
+                         "sequences")
+    defaults = METHOD_DEFAULTS[cfg.type]
+    return dataclasses.replace(cfg, **{k: v if getattr(cfg, k) is None else getattr(cfg, k)
+                                       for k, v in defaults.items()})
+
+
+def loss_needs(cfg) -> dict:
+    """What the rows must carry for this loss (``cfg`` resolved or not): ``y_t`` the teacher's response,
+    ``teacher_scores_y_t`` the teacher's log-probs / top-k of it, ``y_s`` the student's sample,
+    ``teacher_scores_y_s`` the teacher's log-probs / top-k of y_s, ``teacher_topk`` whether those
+    scores must include the top-k (else the per-token log-probs suffice)."""
+    cfg = resolve_loss(cfg)
+    kd, kind = cfg.kd_coef > 0, cfg.type
+    div = kind in L.DIVERGENCES
+    kd_on_t = kd and (kind in ("dpkd", "dpkd_token") or (div and cfg.student_ratio < 1))
+    kd_on_s = kd and (kind in ("dpkd", "pg_rkl") or (div and cfg.student_ratio > 0))
+    return {"y_t": kd_on_t or cfg.sft_coef > 0, "teacher_scores_y_t": kd_on_t, "y_s": kd_on_s,
+            "teacher_scores_y_s": kd_on_s, "teacher_topk": kd and (div or kind == "dpkd_token")}
+
+
+def row_uniform(prompt_id: str, created_at) -> float:
+    """A stable draw in [0, 1) for a row: the same on every rank, micro-batch and restart."""
+    digest = hashlib.blake2b(f"{prompt_id}\x00{created_at!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def student_rows(table: pa.Table, cfg) -> list[bool]:
+    """Per row, whether ``cfg``'s divergence is computed on y_s (True) or y_t: ``u < student_ratio``,
+    so exactly none at 0 and all at 1. All False for non-divergences."""
+    cfg = resolve_loss(cfg)
+    if cfg.type not in L.DIVERGENCES:
+        return [False] * table.num_rows
+    ratio = cfg.student_ratio
+    if ratio in (0.0, 1.0):
+        return [ratio == 1.0] * table.num_rows
+    return [row_uniform(p, c) < ratio for p, c in zip(table.column("prompt_id").to_pylist(),
+                                                       table.column("created_at").to_pylist())]
+
+
+def token_counts(table: pa.Table, cfg) -> dict:
+    """This table's denominators: ``pairs`` (rows), ``chosen`` / ``rejected`` (tokens of y_t / y_s) and
+    ``divergence`` (tokens of the sequence each row's divergence uses). The learner all-reduces them, so
+    compute_loss normalises by the whole step's counts on every rank."""
+    chosen = [len(r) for r in table.column("chosen_ids").to_pylist()]
+    rejected = [len(r) for r in table.column("rejected_ids").to_pylist()]
+    on_s = student_rows(table, cfg)
+    return {"pairs": table.num_rows, "chosen": sum(chosen), "rejected": sum(rejected),
+            "divergence": sum(r if s else c for c, r, s in zip(chosen, rejected, on_s))}
+
+
+def _rows_without_student(table: pa.Table, rows: list[int]) -> list[int]:
+    """Rows (of ``rows``) that carry no student sample: offline rows (policy_version -1, no y_s)."""
+    versions = table.column("policy_version").to_pylist()
     rejected = table.column("rejected_ids").to_pylist()
-    local_tokens = {"chosen": sum(map(len, chosen)), "rejected": sum(map(len, rejected))}
-    global_tokens = global_tokens or local_tokens
-    global_pairs = global_pairs or n
+    return [i for i in rows if versions[i] < 0 and not rejected[i]]
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------------
+
+
+class _Forward:
+    """One student forward over the sequences the loss reads: ``rows[side]`` (table row indices) of y_t
+    ("chosen") and y_s ("rejected"), packed together; ``take`` slices a side's rows back out."""
+
+    def __init__(self, model, table: pa.Table, rows: dict[str, list[int]], pad_id: int):
+        prompts = table.column("prompt_ids").to_pylist()
+        order = [(s, i) for s in ("chosen", "rejected") for i in rows[s]]
+        resp = {s: table.column(f"{s}_ids").to_pylist() for s in ("chosen", "rejected") if rows[s]}
+        seqs = pack([prompts[i] for _, i in order], [resp[s][i] for s, i in order], pad_id)
+        self.logits = response_logits(model, seqs)
+        self.ids, self.mask, self.width = seqs.resp_ids, seqs.resp_mask, seqs.resp_ids.shape[1]
+        self.pos = {s: {} for s in rows}
+        for j, (s, i) in enumerate(order):
+            self.pos[s][i] = j
+
+    def take(self, side: str, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = [self.pos[side][i] for i in rows]
+        if idx == list(range(idx[0], idx[0] + len(idx))):  # a view: no copy of [n, R, V] logits
+            sel = slice(idx[0], idx[0] + len(idx))
+        else:
+            sel = torch.tensor(idx)
+        return self.logits[sel], self.ids[sel], self.mask[sel]
+
+    def zero(self) -> torch.Tensor:
+        """A 0 connected to the graph, so backward works even when every term skipped its rows."""
+        return self.logits[:0].float().sum()
+
+
+def _teacher_logp_sums(table: pa.Table, side: str, width: int, mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of the teacher's per-token log-probs of ``side``; each token floored first (as the
+    divergences floor), so a -inf log-prob gives a finite sum and reward."""
+    lps = pad_2d(table.column(f"{side}_teacher_logps").to_pylist(), width).clamp(min=L._LOG_TINY)
+    return torch.where(mask > 0, lps, 0.0).sum(-1)
+
+
+def _dpkd_term(fwd: _Forward, table, cfg, counts, metrics) -> torch.Tensor:
+    every = range(table.num_rows)
+    (lc, ic, mc), (lr, ir, mr) = fwd.take("chosen", every), fwd.take("rejected", every)
+    pc, pr = (token_logps(lc, ic) * mc).sum(-1), (token_logps(lr, ir) * mr).sum(-1)
+    ref_c = _teacher_logp_sums(table, "chosen", fwd.width, mc)
+    ref_r = _teacher_logp_sums(table, "rejected", fwd.width, mr)
+    main, cr, rr = L.dpkd_loss(pc, pr, ref_c, ref_r, mc.sum(-1), mr.sum(-1), beta=cfg.beta,
+                               label_smoothing=cfg.label_smoothing, length_normalize=cfg.length_normalize)
+    metrics.update(
+        dpkd_loss=main.item(), chosen_reward=cr.mean().item(), rejected_reward=rr.mean().item(),
+        reward_margin=(cr - rr).mean().item(), reward_accuracy=(cr > rr).float().mean().item(),
+        chosen_logratio=((pc - ref_c) / mc.sum(-1).clamp(min=1)).mean().item(),
+        rejected_logratio=((pr - ref_r) / mr.sum(-1).clamp(min=1)).mean().item(),
+    )
+    return main * (table.num_rows / counts["pairs"])  # a mean over the step's pairs, not this part's
+
+
+def _dpkd_token_term(fwd: _Forward, table, cfg, counts, metrics) -> torch.Tensor:
+    lc, _, mc = fwd.take("chosen", range(table.num_rows))
+    main = L.dpkd_token_loss(lc, topk_teacher(table, "chosen", fwd.width), mc, beta=cfg.beta,
+                             num_tokens=counts["chosen"])
+    metrics["dpkd_token_loss"] = main.item()
+    return main
+
+
+def _divergence_term(fwd: _Forward, table, cfg, counts, metrics, on_s: list[bool]) -> torch.Tensor:
+    """The divergence over every row's selected sequence, each with its own side's teacher top-k, as one
+    token mean: both sides divide by the step's ``divergence`` token count."""
+    fn = L.get_divergence(cfg.type)
+    kwargs = {"beta": cfg.jsd_beta} if cfg.type == "jsd" else (
+        {"alpha": cfg.skew_alpha} if cfg.type.startswith("skew") else {})
+    main = fwd.zero()
+    for side, pick in (("chosen", False), ("rejected", True)):
+        rows = [i for i, s in enumerate(on_s) if s == pick]
+        if not rows:
+            continue
+        lx, _, mx = fwd.take(side, rows)
+        if mx.sum() == 0:  # only empty responses: nothing to read, and no top-k to find
+            continue
+        teacher = topk_teacher(table.take(rows), side, fwd.width)
+        main = main + fn(lx, teacher, mx, temperature=cfg.temperature, num_tokens=counts["divergence"], **kwargs)
+    metrics[f"{cfg.type}_loss"] = main.item()
+    metrics["student_rows"] = sum(on_s) / max(len(on_s), 1)
+    return main
+
+
+def _pg_term(fwd: _Forward, table, cfg, counts, metrics) -> torch.Tensor:
+    lr, ir, mr = fwd.take("rejected", range(table.num_rows))
+    behaviour = pad_2d(table.column("rejected_behaviour_logps").to_pylist(), fwd.width)
+    teacher = pad_2d(table.column("rejected_teacher_logps").to_pylist(), fwd.width)
+    main, stats = L.reverse_kl_policy_gradient(token_logps(lr, ir), behaviour, teacher, mr,
+                                               num_tokens=counts["rejected"])
+    metrics.update(pg_loss=main.item(), **{k: float(v) for k, v in stats.items()})
+    return main
+
+
+def _main_rows(cfg, n: int, on_s: list[bool]) -> dict[str, list[int]]:
+    """Rows of y_t and y_s that the main (kd) term reads."""
+    every = list(range(n))
+    if cfg.kd_coef == 0:
+        return {"chosen": [], "rejected": []}
+    if cfg.type in L.DIVERGENCES:
+        return {"chosen": [i for i in every if not on_s[i]], "rejected": [i for i in every if on_s[i]]}
+    return {"chosen": every if cfg.type in ("dpkd", "dpkd_token") else [],
+            "rejected": every if cfg.type in ("dpkd", "pg_rkl") else []}
+
+
+def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None = None,
+                 world_size: int = 1) -> tuple[torch.Tensor, dict]:
+    """``kd_coef * main + sft_coef * CE(y_t)`` for ``cfg`` (a ``LossConfig``; None fields take the
+    method's defaults) on ``table`` (buffer rows), plus float metrics. Each term is computed only when
+    its weight is > 0.
+
+    ``counts``: ``token_counts`` of the whole step over all ranks (by default this table's own); every
+    term is normalised by them, and the loss is multiplied by ``world_size`` (DeepSpeed averages)."""
+    cfg = resolve_loss(cfg)
+    counts = counts or token_counts(table, cfg)
+    n = table.num_rows
+    on_s = student_rows(table, cfg)
+    rows = _main_rows(cfg, n, on_s)
+    missing = _rows_without_student(table, rows["rejected"])
+    if missing:
+        what = f" with student_ratio={cfg.student_ratio}" if cfg.type in L.DIVERGENCES else ""
+        raise ValueError(f"loss.type={cfg.type}{what} needs the student's samples y_s (online rows), but "
+                         f"{len(missing)} of these {n} rows have none (offline rows)")
+    if cfg.sft_coef > 0:
+        rows["chosen"] = list(range(n))
+    fwd = _Forward(model, table, rows, pad_id)  # both sides in one forward
     metrics: dict = {}
-    kind = cfg.type
-
-    uses_rejected = kind in ("dpkd", "pg_rkl") or (kind in L.DIVERGENCES and local_tokens["rejected"] > 0)
-    uses_chosen = kind in ("dpkd", "dpkd_token", "sft") or cfg.lm_coef > 0 or not uses_rejected
-    sides = [s for s, used in (("chosen", uses_chosen), ("rejected", uses_rejected)) if used]
-    if "rejected" in sides and local_tokens["rejected"] == 0 and kind in ("dpkd", "pg_rkl"):
-        raise ValueError(f"loss.type={kind} needs the student's responses (online rows); "
-                         "these rows have none")
-    seqs = pack(prompts * len(sides), sum(([chosen, rejected][s == "rejected"] for s in sides), []), pad_id)
-    logits = response_logits(model, seqs)  # both sides in one forward
-    part = {s: slice(i * n, (i + 1) * n) for i, s in enumerate(sides)}
-    R = seqs.resp_ids.shape[1]
-
-    def side(s):
-        return logits[part[s]], seqs.resp_ids[part[s]], seqs.resp_mask[part[s]]
-
-    scale = float(world_size)
-    loss = logits.new_zeros((), dtype=torch.float32)
-    if kind == "dpkd":
-        (lc, ic, mc), (lr, ir, mr) = side("chosen"), side("rejected")
-        pc = (token_logps(lc, ic) * mc).sum(-1)
-        pr = (token_logps(lr, ir) * mr).sum(-1)
-        ref_c = pad_2d(table.column("chosen_teacher_logps").to_pylist(), R).mul(mc).sum(-1)
-        ref_r = pad_2d(table.column("rejected_teacher_logps").to_pylist(), R).mul(mr).sum(-1)
-        main, cr, rr = L.dpkd_loss(pc, pr, ref_c, ref_r, mc.sum(-1), mr.sum(-1), beta=cfg.beta,
-                                   label_smoothing=cfg.label_smoothing,
-                                   length_normalize=cfg.length_normalize)
-        loss = loss + main * (n / global_pairs) * scale
-        metrics.update(
-            dpkd_loss=main.item(), chosen_reward=cr.mean().item(), rejected_reward=rr.mean().item(),
-            reward_margin=(cr - rr).mean().item(), reward_accuracy=(cr > rr).float().mean().item(),
-            chosen_logratio=((pc - ref_c) / mc.sum(-1).clamp(min=1)).mean().item(),
-            rejected_logratio=((pr - ref_r) / mr.sum(-1).clamp(min=1)).mean().item(),
-        )
-    elif kind == "dpkd_token":
-        lc, ic, mc = side("chosen")
-        main = L.dpkd_token_loss(lc, topk_teacher(table, "chosen", R), mc, beta=cfg.beta,
-                                 num_tokens=global_tokens["chosen"])
-        loss = loss + main * scale
-        metrics["dpkd_token_loss"] = main.item()
-    elif kind in L.DIVERGENCES:
-        s = "rejected" if "rejected" in sides else "chosen"
-        lx, _, mx = side(s)
-        kwargs = {"beta": cfg.jsd_beta} if kind == "jsd" else (
-            {"alpha": cfg.skew_alpha} if kind.startswith("skew") else {})
-        main = L.get_divergence(kind)(lx, topk_teacher(table, s, R), mx, temperature=cfg.temperature,
-                                      num_tokens=global_tokens[s], **kwargs)
-        loss = loss + main * scale
-        metrics[f"{kind}_loss"] = main.item()
-    elif kind == "pg_rkl":
-        lr, ir, mr = side("rejected")
-        behaviour = pad_2d(table.column("rejected_behaviour_logps").to_pylist(), R)
-        teacher = pad_2d(table.column("rejected_teacher_logps").to_pylist(), R)
-        main, stats = L.reverse_kl_policy_gradient(token_logps(lr, ir), behaviour, teacher, mr,
-                                                   num_tokens=global_tokens["rejected"])
-        loss = loss + main * scale
-        metrics.update(pg_loss=main.item(), **{k: float(v) for k, v in stats.items()})
-    if kind == "sft" or (cfg.lm_coef > 0 and kind != "sft"):
-        lc, ic, mc = side("chosen")
-        lm = L.sft_loss(lc, ic, mc, num_tokens=global_tokens["chosen"])
-        coef = 1.0 if kind == "sft" else cfg.lm_coef
-        loss = loss + coef * lm * scale
-        metrics["lm_loss"] = lm.item()
-    metrics["loss"] = loss.item() / scale
-    return loss, metrics
+    loss = fwd.zero()
+    if cfg.kd_coef > 0:
+        if cfg.type in L.DIVERGENCES:
+            main = _divergence_term(fwd, table, cfg, counts, metrics, on_s)
+        else:
+            term = {"dpkd": _dpkd_term, "dpkd_token": _dpkd_token_term, "pg_rkl": _pg_term}[cfg.type]
+            main = term(fwd, table, cfg, counts, metrics)
+        loss = loss + cfg.kd_coef * main
+    if cfg.sft_coef > 0:
+        lc, ic, mc = fwd.take("chosen", range(n))
+        sft = L.sft_loss(lc, ic, mc, num_tokens=counts["chosen"])
+        metrics["sft_loss"] = sft.item()
+        loss = loss + cfg.sft_coef * sft
+    metrics["loss"] = loss.item()
+    return loss * float(world_size), metrics

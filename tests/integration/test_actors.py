@@ -114,7 +114,7 @@ def test_learner_trains_and_exports_weights(tiny_models):
     t = time.perf_counter()
     m = ray_mod.get(group.train_step(ray_mod.put(_rows(4))))
     assert torch.isfinite(torch.tensor(m["loss"])) and m["train_step_s"] < time.perf_counter() - t + 1
-    assert {"reward_margin", "chosen_logratio", "rejected_logratio", "lm_loss", "grad_norm"} <= set(m)
+    assert {"reward_margin", "chosen_logratio", "rejected_logratio", "sft_loss", "grad_norm"} <= set(m)
     w1 = ray_mod.get(group.weights_ref())
     assert set(w0) == set(w1)
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)

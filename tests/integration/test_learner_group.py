@@ -121,7 +121,7 @@ def test_two_ranks_and_accumulation_take_the_same_step_as_one(tiny_models):
     assert_same_update(w["accum"], w["one"])
     for name in ("two", "accum"):  # the step's metrics are those of the whole batch
         for a, b in zip(metrics[name], metrics["one"]):
-            for key in ("loss", "lm_loss", "dpkd_loss", "reward_margin", "grad_norm"):
+            for key in ("loss", "sft_loss", "dpkd_loss", "reward_margin", "grad_norm"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, key)
     info = groups["accum"].info()[0]
     assert info["grad_accum_steps"] == 2 and info["steps"] == 2

@@ -100,6 +100,6 @@ def test_offline_then_online_schedule(tiny_models, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["phase_kind"]) for r in rows] == [
         (1, "offline"), (2, "offline"), (3, "offline"), (4, "online"), (5, "online")]
-    assert all("dpkd_loss" not in r and r["lm_loss"] is not None for r in rows[:3])  # SeqKD on teacher text
+    assert all("dpkd_loss" not in r and r["sft_loss"] is not None for r in rows[:3])  # SeqKD on teacher text
     assert all("dpkd_loss" in r for r in rows[3:])
     assert summary["steps"] == 5 and summary["sampler_versions"] == [summary["policy_version"]]

@@ -29,6 +29,8 @@ CASES = [
     ("unknown loss", {"loss": {"type": "kl_div"}}, None, "loss.type='kl_div': must be one of"),
     ("unknown priming", {"priming": {"strategy": "flattery"}}, None, "priming.strategy='flattery'"),
     ("unknown key", {"sampler": {"temprature": 0.7}}, None, "sampler.temprature: unknown key"),
+    ("renamed key", {"loss": {"lm_coef": 0.5}}, None, "loss.lm_coef: renamed to sft_coef"),
+    ("tempered top-k", {"loss": {"type": "jsd", "temperature": 2.0}}, None, "loss.temperature=2.0: must be 1"),
     ("missing data file", {"data": {"source": "/no/such/file.jsonl"}}, None,
      "data.source='/no/such/file.jsonl': file does not exist"),
     ("missing model", {"models": {"teacher": "/no/such/model"}}, None, "model path '/no/such/model' does not exist"),

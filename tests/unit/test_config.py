@@ -133,3 +133,81 @@ def test_offline_phase_cannot_use_a_pairwise_loss(tmp_path):
     (ds / "manifest.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"schedule\[0\].loss.type='dpkd': needs the student's responses"):
         load_config(write(tmp_path, {"schedule": [{"kind": "offline", "steps": 2, "data": str(ds)}]}))
+
+
+# ------------------------------------------------------------------------------------ the loss's terms
+
+
+def offline_ds(tmp_path):
+    ds = tmp_path / "ds"
+    ds.mkdir(exist_ok=True)
+    (ds / "manifest.json").write_text("{}")
+    return str(ds)
+
+
+@pytest.mark.parametrize("loss, expect", [
+    ({"type": "dpkd"}, {"kd_coef": 0.5, "sft_coef": 0.5, "student_ratio": None}),
+    ({"type": "dpkd_token"}, {"kd_coef": 0.5, "sft_coef": 0.5, "student_ratio": None}),
+    ({"type": "fkl"}, {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 0.0}),
+    ({"type": "rkl"}, {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 1.0}),
+    ({"type": "jsd"}, {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 1.0}),
+    ({"type": "skew_fkl"}, {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 1.0}),
+    ({"type": "skew_rkl"}, {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 1.0}),
+    ({"type": "tvd"}, {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": 1.0}),
+    ({"type": "sft"}, {"kd_coef": 0.0, "sft_coef": 1.0, "student_ratio": None}),
+    ({"type": "pg_rkl"}, {"kd_coef": 1.0, "sft_coef": 0.0, "student_ratio": None}),
+    ({"type": "jsd", "sft_coef": 0.25, "student_ratio": 0.5}, {"kd_coef": 1.0, "sft_coef": 0.25, "student_ratio": 0.5}),
+])
+def test_resolved_loss_is_written_with_numbers(tmp_path, loss, expect):
+    """The run directory's config.yaml shows every term's weight and sequences, for the top-level loss and
+    a schedule phase's own loss alike; and it loads back to the same config."""
+    cfg = load_config(write(tmp_path, {"loss": loss, "schedule": [{"kind": "online", "steps": 2, "loss": loss}]}))
+    out = tmp_path / "resolved.yaml"
+    dump_config(cfg, out)
+    written = yaml.safe_load(out.read_text())
+    for section in (written["loss"], written["schedule"][0]["loss"]):
+        assert {k: section[k] for k in expect} == expect
+    assert load_config(out) == cfg
+
+
+def test_a_phase_without_a_loss_takes_the_resolved_top_level_one(tmp_path):
+    cfg = load_config(write(tmp_path, {"loss": {"type": "jsd"}, "schedule": [{"kind": "online", "steps": 2}]}))
+    assert cfg.phases()[0].loss.student_ratio == 1.0 and cfg.phases()[0].loss.kd_coef == 1.0
+
+
+@pytest.mark.parametrize("data, expect", [
+    ({"loss": {"lm_coef": 0.5}}, "loss.lm_coef: renamed to sft_coef, the weight of cross-entropy on the teacher's "
+                                 "response y_t"),
+    ({"schedule": [{"kind": "online", "steps": 1, "loss": {"type": "dpkd", "lm_coef": 0.0}}]},
+     "schedule[0].loss.lm_coef: renamed to sft_coef"),
+    ({"loss": {"type": "rkl", "temperature": 2.0}}, "loss.temperature=2.0: must be 1 with loss.type=rkl: the learner "
+                                                    "gets the teacher's top-k log-probs, and a tempered top-k divergence "
+                                                    "is a different objective, not an approximation (set "
+                                                    "loss.temperature=1)"),
+    ({"schedule": [{"kind": "online", "steps": 1, "loss": {"type": "tvd", "temperature": 0.5}}]},
+     "schedule[0].loss.temperature=0.5: must be 1"),
+    ({"loss": {"type": "dpkd", "student_ratio": 0.5}}, "loss.student_ratio=0.5: only for the token-level divergences"),
+    ({"loss": {"type": "pg_rkl", "student_ratio": 1.0}}, "loss.type=pg_rkl fixes its sequences"),
+    ({"loss": {"type": "jsd", "student_ratio": 1.5}}, "loss.student_ratio=1.5: must be in [0, 1]"),
+    ({"loss": {"type": "sft", "kd_coef": 0.5}}, "loss.kd_coef=0.5: must be 0 for loss.type=sft"),
+    ({"loss": {"type": "dpkd", "kd_coef": 0.0, "sft_coef": 0.0}}, "loss.kd_coef=0.0: must be > 0 when loss.sft_coef is 0"),
+    ({"loss": {"type": "fkl", "sft_coef": -0.1}}, "loss.sft_coef=-0.1: must be >= 0"),
+    ({"loss": {"type": "fkl", "kd_coef": -1}}, "loss.kd_coef=-1.0: must be >= 0"),
+])
+def test_bad_loss_terms(tmp_path, data, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, data))
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_offline_phase_divergence_must_use_the_teacher_text(tmp_path):
+    ds = offline_ds(tmp_path)
+    with pytest.raises(ConfigError, match=r"schedule\[0\].loss.student_ratio=1.0: an offline phase has no student"):
+        load_config(write(tmp_path, {"schedule": [{"kind": "offline", "steps": 2, "data": ds, "loss": {"type": "rkl"}}]}))
+    with pytest.raises(ConfigError, match=r"schedule\[0\].loss.student_ratio=0.5"):
+        load_config(write(tmp_path, {"loss": {"type": "fkl", "student_ratio": 0.5},
+                                     "schedule": [{"kind": "offline", "steps": 2, "data": ds}]}))
+    cfg = load_config(write(tmp_path, {"schedule": [{"kind": "offline", "steps": 2, "data": ds,
+                                                     "loss": {"type": "rkl", "student_ratio": 0.0}}]}))
+    assert cfg.phases()[0].loss.student_ratio == 0.0
+    load_config(write(tmp_path, {"schedule": [{"kind": "offline", "steps": 2, "data": ds, "loss": {"type": "fkl"}}]}))

@@ -289,7 +289,8 @@ def test_gradcheck_divergences(name, teacher_kind):
     s, t, m = make(18, b=1, t=3, v=5, dtype=torch.float64, scale=1.0)
     teacher = t if teacher_kind == "full" else topk_of(t, 2)
     fn = L.DIVERGENCES[name]
-    assert torch.autograd.gradcheck(lambda x: fn(x, teacher, m, temperature=1.5, chunk_size=2), (s,))
+    tau = 1.5 if teacher_kind == "full" else 1.0  # tempered top-k is refused
+    assert torch.autograd.gradcheck(lambda x: fn(x, teacher, m, temperature=tau, chunk_size=2), (s,))
     assert torch.autograd.gradcheck(lambda x: fn(x, teacher, m, chunk_size=None), (s,))
 
 
@@ -461,17 +462,15 @@ def test_high_temperature_flattens_towards_zero():
     assert values[0] > values[1] > values[2] and values[2] < 1e-3
 
 
-def test_topk_temperature_tempers_the_buckets():
+@pytest.mark.parametrize("name", ALL_DIVS)
+def test_topk_with_temperature_is_refused(name):
+    """A tempered top-k divergence is a different objective (the tail's inner distribution is unknown),
+    not an approximation: refused, while k == V (no tail) and tau == 1 stay allowed."""
     s, t, m = make(21)
-    tau, k = 2.0, 3
-    top = topk_of(t, k)
-    lq = s.detach().log_softmax(-1)
-    q_top = lq.gather(-1, top.ids).exp()
-    buckets_q = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1).log()
-    p_top = top.logprobs.exp()
-    buckets_p = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1).log()
-    want = token_mean(ref_kl((buckets_p / tau).log_softmax(-1), (buckets_q / tau).log_softmax(-1)), m)
-    torch.testing.assert_close(L.forward_kl(s, top, m, temperature=tau), want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"temperature=2.0 with a top-k teacher \(k=3 < V=11\).*temperature=1"):
+        L.DIVERGENCES[name](s, topk_of(t, 3), m, temperature=2.0)
+    L.DIVERGENCES[name](s, topk_of(t, 3), m, temperature=1.0)
+    L.DIVERGENCES[name](s, topk_of(t, V), m, temperature=2.0)
 
 
 def test_topk_zero_tail_stays_finite():
@@ -481,10 +480,9 @@ def test_topk_zero_tail_stays_finite():
     ids = torch.arange(2).expand(B, T, 2).contiguous()
     lps = torch.tensor([0.0, -30.0]).expand(B, T, 2).contiguous()
     for name in ALL_DIVS:
-        for tau in (1.0, 4.0):
-            loss = L.DIVERGENCES[name](s, TopK(ids, lps), m, temperature=tau)
-            (g,) = torch.autograd.grad(loss, s)
-            assert torch.isfinite(loss) and torch.isfinite(g).all(), (name, tau)
+        loss = L.DIVERGENCES[name](s, TopK(ids, lps), m)
+        (g,) = torch.autograd.grad(loss, s)
+        assert torch.isfinite(loss) and torch.isfinite(g).all(), name
 
 
 # ------------------------------------------------------------------------------------ registry & errors
@@ -514,3 +512,108 @@ def test_bad_inputs_fail_fast_with_a_clear_message():
         L.forward_kl(s, t, m, chunk_size=0)
     with pytest.raises(ValueError, match="labels"):
         L.sft_loss(s, torch.full((B, T), V), m)
+
+
+# ------------------------------------------------------------------------------------ non-finite inputs
+
+LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+
+
+def student_with_minus_inf(seed=26):
+    """Student logits with -inf entries (a banned token), at the teacher's argmax too; and the same
+    logits with -1e4 there: exp(-1e4) is exactly 0, so that tensor is the finite limit to compare to."""
+    s, t, m = make(seed)
+    x = s.detach().clone()
+    x[0, 0, t[0, 0].argmax()] = float("-inf")
+    x[1, 2, :4] = float("-inf")
+    limit = x.clone()
+    limit[torch.isinf(x)] = -1e4
+    return x.requires_grad_(), limit.requires_grad_(), t, m
+
+
+@pytest.mark.parametrize("name", ["rkl", "jsd", "skew_rkl", "skew_fkl", "tvd"])
+@pytest.mark.parametrize("teacher_kind", ["full", "topk"])
+def test_minus_inf_student_logit_gives_the_limit(name, teacher_kind):
+    """These divergences are finite when q has zeros; a -inf logit must give that value and its gradient
+    (zero at the -inf entries), computed here by the plain reference on the -1e4 limit."""
+    x, limit, t, m = student_with_minus_inf()
+    if teacher_kind == "full":
+        got = L.DIVERGENCES[name](x, t, m)
+        want = token_mean(ref_divergence(name, *ref_logprobs(limit, t)), m)
+    else:
+        top = topk_of(t, 4)
+        got = L.DIVERGENCES[name](x, top, m)
+        q_top = limit.log_softmax(-1).gather(-1, top.ids).exp()
+        q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp(min=0)], -1)
+        p_top = top.logprobs.exp()
+        p = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+        # explicit sums over the k+1 outcomes, with 0 * log 0 = 0
+        lq, lp = q.log(), p.log()
+        per = {"rkl": lambda: torch.special.xlogy(q, q).sum(-1) - (q * lp).sum(-1),
+               "tvd": lambda: 0.5 * (p - q).abs().sum(-1)}
+        ref = per[name]() if name in per else ref_divergence(name, lq.clamp(min=-1e4), lp)
+        want = token_mean(ref, m)
+    (g,) = torch.autograd.grad(got, x)
+    assert torch.isfinite(got) and torch.isfinite(g).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    if teacher_kind == "full":
+        (g_ref,) = torch.autograd.grad(token_mean(ref_divergence(name, *ref_logprobs(limit, t)), m), limit)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+        assert (g[torch.isinf(x)] == 0).all()
+
+
+@pytest.mark.parametrize("teacher_kind", ["full", "topk"])
+def test_minus_inf_student_logit_in_forward_kl_is_floored(teacher_kind):
+    """Forward KL is +inf when q is 0 where p is not: the floor makes it p * (log p - log tiny)."""
+    x, _, t, m = student_with_minus_inf()
+    teacher = t if teacher_kind == "full" else topk_of(t, V)
+    got = L.forward_kl(x, teacher, m)
+    (g,) = torch.autograd.grad(got, x)
+    lq, lp = F.log_softmax(x.detach(), -1).clamp(min=LOG_TINY), F.log_softmax(t, -1)
+    want = token_mean((lp.exp() * (lp - lq)).sum(-1), m)
+    assert torch.isfinite(got) and torch.isfinite(g).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("teacher_kind", ["full", "topk"])
+def test_minus_inf_student_logit_in_dpkd_token(teacher_kind):
+    """The student rules out the teacher's argmax: log q(a_t) is floored, the loss and gradient finite."""
+    s = torch.tensor([[[float("-inf"), 1.0, 0.0, -1.0]]], requires_grad=True)
+    t = torch.tensor([[[3.0, 0.0, 1.0, -2.0]]])
+    m = torch.ones(1, 1, dtype=torch.bool)
+    teacher = t if teacher_kind == "full" else topk_of(t, 4)
+    got = L.dpkd_token_loss(s, teacher, m, beta=0.5)
+    (g,) = torch.autograd.grad(got, s)
+    lq, lp = F.log_softmax(s.detach(), -1), F.log_softmax(t, -1)
+    h = (LOG_TINY - lp[0, 0, 0]) - (lq[0, 0, 1] - lp[0, 0, 1])  # a_t = 0, a_s = 1
+    torch.testing.assert_close(got, -F.logsigmoid(0.5 * h), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(g).all() and g[0, 0, 0] == 0
+
+
+def test_minus_inf_teacher_logprob_in_dpkd():
+    """A -inf teacher log-prob makes the reference sum -inf: floored at len * log(tiny), finite."""
+    pc = torch.tensor([-4.0, -6.0], requires_grad=True)
+    pr = torch.tensor([-5.0, -3.0], requires_grad=True)
+    rc, rr = torch.tensor([float("-inf"), -5.0]), torch.tensor([-4.0, float("-inf")])
+    lc, lr = torch.tensor([2, 3]), torch.tensor([4, 1])
+    loss, chosen, rejected = L.dpkd_loss(pc, pr, rc, rr, lc, lr, beta=0.1)
+    loss.backward()
+    rc_f, rr_f = torch.tensor([2 * LOG_TINY, -5.0]), torch.tensor([-4.0, LOG_TINY])
+    z = 0.1 * ((pc.detach() - rc_f) / lc - (pr.detach() - rr_f) / lr)
+    torch.testing.assert_close(loss, -F.logsigmoid(z).mean())
+    sig = torch.sigmoid(-z)  # d/dz -log sigmoid(z) = -sigmoid(-z)
+    torch.testing.assert_close(pc.grad, -sig * 0.1 / lc / 2)
+    torch.testing.assert_close(pr.grad, sig * 0.1 / lr / 2)
+    assert torch.isfinite(chosen).all() and torch.isfinite(rejected).all()
+
+
+def test_minus_inf_teacher_logprob_in_pg_rkl():
+    s, t, m = pg_inputs()
+    t = t.clone()
+    t[0, 1] = float("-inf")
+    loss, stats = L.reverse_kl_policy_gradient(s, s.detach(), t, m)
+    loss.backward()
+    r = torch.where(m, t.clamp(min=LOG_TINY) - s.detach(), 0.0)
+    torch.testing.assert_close(loss, -r.sum() / m.sum())
+    torch.testing.assert_close(s.grad, -r / m.sum())  # on-policy: the gradient is minus the reward
+    assert all(torch.isfinite(v) for v in stats.values())

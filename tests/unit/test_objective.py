@@ -1,4 +1,8 @@
-"""kd.objective: batching layout, DPKD against a direct computation, and data-parallel normalisation."""
+"""kd.objective: batching layout; every term's value, gradient, weight and sequences against formulas
+written here with plain torch on unpadded per-row forwards; data-parallel normalisation; non-finite
+teacher log-probs; the method defaults and what each loss needs from the rows."""
+
+import math
 
 import pyarrow as pa
 import pytest
@@ -8,7 +12,10 @@ from driver.config import LossConfig
 from kd import losses as L
 from kd.data import BUFFER_SCHEMA
 from kd.models import make_tiny_model
-from kd.objective import compute_loss, pack, response_logits, token_logps
+import torch.nn.functional as F
+
+from kd.objective import (METHOD_DEFAULTS, compute_loss, loss_needs, pack, resolve_loss, response_logits,
+                          student_rows, token_counts, token_logps)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +26,7 @@ def model(tmp_path_factory):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def table(n=4, seed=0, k=3):
+def table(n=4, seed=0, k=3, offline=False):
     g = torch.Generator().manual_seed(seed)
 
     def seq(lo, hi):
@@ -29,7 +36,11 @@ def table(n=4, seed=0, k=3):
     rejected = [seq(1, 6) for _ in range(n)]
     lps = lambda s: (-torch.rand(len(s), generator=g) * 3).tolist()  # noqa: E731
     topk = lambda s: [sorted(torch.randperm(400, generator=g)[:k].tolist()) for _ in s]  # noqa: E731
-    topl = lambda s: [sorted((-torch.rand(k, generator=g) * 4).tolist(), reverse=True) for _ in s]  # noqa: E731
+    # a valid top-k: the k largest of a distribution over k+1 outcomes, so the tail mass is > 0
+    topl = lambda s: [sorted(torch.randn(k + 1, generator=g).log_softmax(-1)[:k].tolist(), reverse=True)  # noqa: E731
+                      for _ in s]
+    if offline:  # what `raykd generate` writes: no student sample
+        rejected = [[] for _ in range(n)]
     return pa.Table.from_pydict({
         "prompt_id": [str(i) for i in range(n)],
         "prompt_ids": [seq(2, 9) for _ in range(n)], "teacher_prompt_ids": [[1]] * n,
@@ -37,8 +48,8 @@ def table(n=4, seed=0, k=3):
         "chosen_teacher_logps": [lps(s) for s in chosen], "rejected_teacher_logps": [lps(s) for s in rejected],
         "chosen_topk_ids": [topk(s) for s in chosen], "chosen_topk_logps": [topl(s) for s in chosen],
         "rejected_topk_ids": [topk(s) for s in rejected], "rejected_topk_logps": [topl(s) for s in rejected],
-        "rejected_behaviour_logps": [lps(s) for s in rejected], "policy_version": [0] * n,
-        "priming": ["none"] * n, "created_at": [0.0] * n, "reference_answer": [None] * n,
+        "rejected_behaviour_logps": [lps(s) for s in rejected], "policy_version": [-1 if offline else 0] * n,
+        "priming": ["none"] * n, "created_at": [1.7e9 + i for i in range(n)], "reference_answer": [None] * n,
     }, schema=BUFFER_SCHEMA)
 
 
@@ -60,31 +71,152 @@ def test_response_logits_equal_unpadded_forward(model):
         torch.testing.assert_close(lp[i, : len(r)], ref, atol=1e-5, rtol=1e-5)
 
 
+
+
+# ------------------------------------------------------------------------------------ references
+# Written from the formulas with plain torch, row by row on UNPADDED sequences: no code of kd.objective.
+
+LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+
+
+def row_logits(model, prompt, resp):
+    """Student logits [len(resp), V] predicting each response token, from a forward without padding."""
+    return model(input_ids=torch.tensor([prompt + resp])).logits[0, len(prompt) - 1 : len(prompt) + len(resp) - 1]
+
+
+def ref_ce(model, t):
+    """Token mean of cross-entropy on y_t over the whole batch."""
+    rows = t.to_pylist()
+    logits = torch.cat([row_logits(model, r["prompt_ids"], r["chosen_ids"]) for r in rows])
+    return F.cross_entropy(logits, torch.tensor([x for r in rows for x in r["chosen_ids"]]))
+
+
+def ref_dpkd(model, t, beta=0.1):
+    """-log sigmoid(beta/|y_t| log(q(y_t)/p(y_t)) - beta/|y_s| log(q(y_s)/p(y_s))), batch mean."""
+    zs = []
+    for r in t.to_pylist():
+        terms = []
+        for ids, ref in ((r["chosen_ids"], r["chosen_teacher_logps"]), (r["rejected_ids"], r["rejected_teacher_logps"])):
+            lq = row_logits(model, r["prompt_ids"], ids).log_softmax(-1)[torch.arange(len(ids)), torch.tensor(ids)].sum()
+            lp = torch.tensor(ref).clamp(min=LOG_TINY).sum()
+            terms.append(beta / len(ids) * (lq - lp))
+        zs.append(terms[0] - terms[1])
+    return -F.logsigmoid(torch.stack(zs)).mean()
+
+
+def ref_divergence_sum(kind, logits, ids, lps):
+    """Sum over positions of the divergence over the k+1 outcomes (the top-k ids and the tail)."""
+    q_top = logits.softmax(-1).gather(-1, torch.tensor(ids))
+    q = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    p_top = torch.tensor(lps).exp()
+    p = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    if kind == "fkl":
+        return (p * (p.log() - q.log())).sum()
+    assert kind == "rkl"
+    return (q * (q.log() - p.log())).sum()
+
+
+def ref_divergence(model, t, kind, on_student):
+    """Token mean of the divergence, each row on y_s where on_student[i] else on y_t, with that side's
+    teacher top-k; one denominator: the tokens of the sequences used."""
+    total, tokens = 0.0, 0
+    for r, s in zip(t.to_pylist(), on_student):
+        side = "rejected" if s else "chosen"
+        logits = row_logits(model, r["prompt_ids"], r[f"{side}_ids"])
+        total = total + ref_divergence_sum(kind, logits, r[f"{side}_topk_ids"], r[f"{side}_topk_logps"])
+        tokens += len(r[f"{side}_ids"])
+    return total / tokens
+
+
+def assert_same_value_and_grads(model, got, want):
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_got = torch.autograd.grad(got, params, retain_graph=True)
+    g_want = torch.autograd.grad(want, params)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ values, gradients, weights
+
+
 def test_dpkd_matches_a_direct_computation(model):
     t = table()
-    cfg = LossConfig(type="dpkd", beta=0.1, lm_coef=0.0)
+    loss, metrics = compute_loss(model, t, LossConfig(type="dpkd", kd_coef=1.0, sft_coef=0.0), pad_id=0)
+    assert_same_value_and_grads(model, loss, ref_dpkd(model, t))
+    assert "sft_loss" not in metrics  # a zero weight computes no term
+
+
+@pytest.mark.parametrize("kind, ratio, main", [("dpkd", None, ref_dpkd),
+                                               ("rkl", 1.0, lambda m, t: ref_divergence(m, t, "rkl", [True] * 4)),
+                                               ("fkl", 0.0, lambda m, t: ref_divergence(m, t, "fkl", [False] * 4))])
+def test_each_term_has_its_weight(model, kind, ratio, main):
+    """kd_coef=0.3, sft_coef=0.7: the loss is 0.3 * main + 0.7 * CE(y_t), in value and gradient."""
+    t = table()
+    loss, metrics = compute_loss(model, t, LossConfig(type=kind, kd_coef=0.3, sft_coef=0.7, student_ratio=ratio),
+                                 pad_id=0)
+    assert_same_value_and_grads(model, loss, 0.3 * main(model, t) + 0.7 * ref_ce(model, t))
+    assert metrics["sft_loss"] == pytest.approx(ref_ce(model, t).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind, want", [
+    ("dpkd", lambda m, t: 0.5 * ref_dpkd(m, t) + 0.5 * ref_ce(m, t)),  # the LMOps code's mixing
+    ("fkl", lambda m, t: ref_divergence(m, t, "fkl", [False] * 4)),  # supervised KD on y_t, no SFT
+    ("rkl", lambda m, t: ref_divergence(m, t, "rkl", [True] * 4)),  # on-policy, no SFT
+    ("sft", ref_ce),
+])
+def test_method_defaults(model, kind, want):
+    loss, _ = compute_loss(model, table(), LossConfig(type=kind), pad_id=0)
+    assert_same_value_and_grads(model, loss, want(model, table()))
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_student_ratio_picks_the_sequences(model, kind, ratio):
+    """0: every row's divergence on y_t; 1: on y_s; in between: on the selected rows' y_s and the
+    others' y_t, each with its side's top-k, normalised by the tokens of the sequences used."""
+    t = table(n=8, seed=3)
+    cfg = LossConfig(type=kind, student_ratio=ratio)
+    picked = student_rows(t, cfg)
+    if ratio == 0.5:
+        assert 0 < sum(picked) < len(picked)  # the test table really mixes both
+    else:
+        assert picked == [ratio == 1.0] * 8
     loss, metrics = compute_loss(model, t, cfg, pad_id=0)
-    pc, pr, rc, rr, lc, lr = [], [], [], [], [], []
-    for row in t.to_pylist():
-        for seq_key, ref_key, pol, ref, ln in (("chosen_ids", "chosen_teacher_logps", pc, rc, lc),
-                                               ("rejected_ids", "rejected_teacher_logps", pr, rr, lr)):
-            p, r = row["prompt_ids"], row[seq_key]
-            logits = model(input_ids=torch.tensor([p + r])).logits[0].log_softmax(-1)
-            pol.append(logits[len(p) - 1 : -1].gather(-1, torch.tensor(r)[:, None]).sum())
-            ref.append(sum(row[ref_key]))
-            ln.append(len(r))
-    z = 0.1 * ((torch.stack(pc) - torch.tensor(rc)) / torch.tensor(lc, dtype=torch.float)
-               - (torch.stack(pr) - torch.tensor(rr)) / torch.tensor(lr, dtype=torch.float))
-    expected = -torch.nn.functional.logsigmoid(z).mean()
-    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
-    assert metrics["reward_margin"] == pytest.approx((z / 1).mean().item(), abs=1e-5)
+    assert_same_value_and_grads(model, loss, ref_divergence(model, t, kind, picked))
+    assert metrics["student_rows"] == pytest.approx(sum(picked) / 8)
+    lens = {s: [len(x) for x in t.column(f"{s}_ids").to_pylist()] for s in ("chosen", "rejected")}
+    assert token_counts(t, cfg)["divergence"] == sum(lens["rejected"][i] if p else lens["chosen"][i]
+                                                     for i, p in enumerate(picked))
 
 
-@pytest.mark.parametrize("kind", ["dpkd", "fkl", "sft", "pg_rkl", "dpkd_token", "jsd"])
-def test_two_ranks_take_the_same_step_as_one(model, kind):
-    """Global normalisation: (grad rank0 + grad rank1) / 2 (DeepSpeed's average) == grad of the whole."""
+def test_row_selection_is_stable_and_has_the_right_rate():
+    """The draw depends only on the row (prompt_id, created_at): the same in any batch, any order, on any
+    rank; and about student_ratio of the rows over many."""
+    t = table(n=400, seed=4)
+    cfg = LossConfig(type="jsd", student_ratio=0.3)
+    picked = student_rows(t, cfg)
+    assert abs(sum(picked) / 400 - 0.3) < 0.08
+    order = list(range(399, -1, -3))
+    assert student_rows(t.take(order), cfg) == [picked[i] for i in order]
+    assert student_rows(t, LossConfig(type="jsd", student_ratio=0.0)) == [False] * 400
+    assert student_rows(t, LossConfig(type="jsd", student_ratio=1.0)) == [True] * 400
+
+
+CASES = [("dpkd", {}), ("fkl", {}), ("sft", {}), ("pg_rkl", {}), ("dpkd_token", {}), ("jsd", {}),
+         ("jsd", {"sft_coef": 0.5}), ("rkl", {"student_ratio": 0.5, "sft_coef": 0.5}), ("fkl", {"student_ratio": 0.5})]
+
+
+@pytest.mark.parametrize("kind, extra", CASES)
+def test_two_ranks_take_the_same_step_as_one(model, kind, extra):
+    """Global normalisation: (grad rank0 + grad rank1) / 2 (DeepSpeed's average) == grad of the whole,
+    also when each rank's rows mix y_s and y_t (the counts come from the same token_counts the learner
+    all-reduces)."""
     t = table(n=6, seed=1)
-    cfg = LossConfig(type=kind, lm_coef=0.5)
+    cfg = LossConfig(type=kind, **extra)
+    if extra.get("student_ratio") == 0.5:
+        picked = student_rows(t, cfg)
+        assert 0 < sum(picked[0::2]) < 3 or 0 < sum(picked[1::2]) < 3  # a rank really mixes
 
     def grads(tab, **kw):
         model.zero_grad()
@@ -93,12 +225,25 @@ def test_two_ranks_take_the_same_step_as_one(model, kind):
         return [p.grad.clone() for p in model.parameters()]
 
     whole = grads(t)
-    counts = {"chosen": sum(map(len, t.column("chosen_ids").to_pylist())),
-              "rejected": sum(map(len, t.column("rejected_ids").to_pylist()))}
-    parts = [grads(t.take(list(range(r, 6, 2))), global_pairs=6, global_tokens=counts, world_size=2)
-             for r in range(2)]
-    for w, a, b in zip(whole, *parts):
+    parts = [t.take(list(range(r, 6, 2))) for r in range(2)]
+    summed = {k: sum(token_counts(p, cfg)[k] for p in parts) for k in token_counts(t, cfg)}
+    assert summed == token_counts(t, cfg)  # what the learner's all-reduce gives
+    ranks = [grads(p, counts=summed, world_size=2) for p in parts]
+    for w, a, b in zip(whole, *ranks):
         torch.testing.assert_close((a + b) / 2, w, atol=1e-5, rtol=1e-4)
+
+
+def test_token_counts():
+    t = table(n=5, seed=6)
+    chosen = sum(len(x) for x in t.column("chosen_ids").to_pylist())
+    rejected = sum(len(x) for x in t.column("rejected_ids").to_pylist())
+    assert token_counts(t, LossConfig(type="dpkd")) == {"pairs": 5, "chosen": chosen, "rejected": rejected,
+                                                        "divergence": chosen}
+    assert token_counts(t, LossConfig(type="rkl"))["divergence"] == rejected
+    assert token_counts(t, LossConfig(type="fkl"))["divergence"] == chosen
+
+
+# ------------------------------------------------------------------------------------ rows, errors, non-finite
 
 
 def test_token_loss_without_topk_is_a_clear_error(model):
@@ -106,12 +251,76 @@ def test_token_loss_without_topk_is_a_clear_error(model):
         pa.field("rejected_topk_ids", pa.list_(pa.list_(pa.int32()))), pa.array([None] * 4,
                                                                                  pa.list_(pa.list_(pa.int32()))))
     with pytest.raises(ValueError, match="top_k_logprobs"):
-        compute_loss(model, t, LossConfig(type="fkl", lm_coef=0.0), pad_id=0)
+        compute_loss(model, t, LossConfig(type="fkl", student_ratio=1.0), pad_id=0)
 
 
-def test_lm_coef_adds_sft_on_the_teacher_output(model):
-    t = table()
-    base, _ = compute_loss(model, t, LossConfig(type="dpkd", lm_coef=0.0), pad_id=0)
-    with_lm, m = compute_loss(model, t, LossConfig(type="dpkd", lm_coef=0.5), pad_id=0)
-    torch.testing.assert_close(with_lm, base + 0.5 * torch.tensor(m["lm_loss"]), atol=1e-5, rtol=1e-5)
-    assert L.LOSS_TYPES  # the registry the config validates against
+@pytest.mark.parametrize("cfg", [LossConfig(type="dpkd"), LossConfig(type="pg_rkl"),
+                                 LossConfig(type="rkl"), LossConfig(type="fkl", student_ratio=0.5)])
+def test_rows_without_student_samples_are_a_clear_error(model, cfg):
+    with pytest.raises(ValueError, match=r"needs the student's samples y_s .* 4 rows have none"):
+        compute_loss(model, table(offline=True), cfg, pad_id=0)
+
+
+def test_offline_rows_serve_the_teacher_side_losses(model):
+    t = table(offline=True)
+    for cfg in (LossConfig(type="fkl"), LossConfig(type="sft"), LossConfig(type="dpkd_token")):
+        loss, _ = compute_loss(model, t, cfg, pad_id=0)
+        assert torch.isfinite(loss)
+    loss, _ = compute_loss(model, t, LossConfig(type="fkl"), pad_id=0)
+    assert_same_value_and_grads(model, loss, ref_divergence(model, t, "fkl", [False] * 4))
+
+
+def with_minus_inf(t, column):
+    rows = t.column(column).to_pylist()
+    rows[1] = [float("-inf")] + rows[1][1:]
+    return t.set_column(t.schema.get_field_index(column), column, pa.array(rows, t.schema.field(column).type))
+
+
+@pytest.mark.parametrize("column", ["chosen_teacher_logps", "rejected_teacher_logps"])
+def test_minus_inf_teacher_logprob_in_dpkd_is_floored(model, column):
+    t = with_minus_inf(table(), column)
+    loss, metrics = compute_loss(model, t, LossConfig(type="dpkd", kd_coef=1.0, sft_coef=0.0), pad_id=0)
+    assert math.isfinite(metrics["reward_margin"])
+    assert_same_value_and_grads(model, loss, ref_dpkd(model, t))  # the reference floors each token
+
+
+def test_minus_inf_teacher_logprob_in_pg_rkl_is_finite(model):
+    t = with_minus_inf(table(), "rejected_teacher_logps")
+    model.zero_grad()
+    loss, metrics = compute_loss(model, t, LossConfig(type="pg_rkl"), pad_id=0)
+    loss.backward()
+    assert torch.isfinite(loss) and math.isfinite(metrics["reverse_kl"])
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------ defaults and needs
+
+
+def test_resolve_loss_fills_only_what_is_unset():
+    assert set(METHOD_DEFAULTS) == set(L.LOSS_TYPES)
+    r = resolve_loss(LossConfig(type="dpkd"))
+    assert (r.kd_coef, r.sft_coef, r.student_ratio) == (0.5, 0.5, None)
+    r = resolve_loss(LossConfig(type="jsd", sft_coef=0.2))
+    assert (r.kd_coef, r.sft_coef, r.student_ratio) == (1.0, 0.2, 1.0)
+    assert resolve_loss(r) == r
+    assert resolve_loss(LossConfig(type="fkl")).student_ratio == 0.0
+    assert (resolve_loss(LossConfig(type="sft")).kd_coef, resolve_loss(LossConfig(type="sft")).sft_coef) == (0, 1)
+    with pytest.raises(ValueError, match="divergences only"):
+        resolve_loss(LossConfig(type="dpkd", student_ratio=0.5))
+
+
+@pytest.mark.parametrize("cfg, y_t, scores_t, y_s, topk", [
+    (LossConfig(type="dpkd"), True, True, True, False),
+    (LossConfig(type="dpkd", sft_coef=0.0), True, True, True, False),
+    (LossConfig(type="dpkd_token"), True, True, False, True),
+    (LossConfig(type="sft"), True, False, False, False),
+    (LossConfig(type="pg_rkl"), False, False, True, False),
+    (LossConfig(type="pg_rkl", sft_coef=0.5), True, False, True, False),
+    (LossConfig(type="jsd"), False, False, True, True),  # on-policy, no SFT: no teacher generation
+    (LossConfig(type="jsd", sft_coef=0.1), True, False, True, True),
+    (LossConfig(type="fkl"), True, True, False, True),
+    (LossConfig(type="rkl", student_ratio=0.5), True, True, True, True),
+])
+def test_loss_needs(cfg, y_t, scores_t, y_s, topk):
+    assert loss_needs(cfg) == {"y_t": y_t, "teacher_scores_y_t": scores_t, "y_s": y_s,
+                               "teacher_scores_y_s": y_s, "teacher_topk": topk}

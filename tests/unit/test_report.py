@@ -18,7 +18,7 @@ def write_run(root, name, n=6, scale=1.0, with_eval=True, dpkd=True):
     rows = []
     for step in range(1, n + 1):
         row = {"step": step, "policy_version": step // 2, "loss": scale * (1.0 / step),
-               "lm_loss": None,  # another loss type's column: null throughout
+               "sft_loss": None,  # another loss type's column: null throughout
                "samples_per_s": 2.0 + step * scale, "policy_lag": float(step % 2), "buffer_size": 8 * step,
                "weight_sync_s": 0.1, "elapsed_s": step * 1.5, "pairs_added": 8 * step}
         if dpkd:
@@ -67,7 +67,7 @@ def test_report_of_one_run_plots_its_metrics(tmp_path):
     assert "| loss | run-a | 1 | 0.1667 | 0.1667 |" in md  # first, last, best (min) of the loss
     assert "| eval_exact_match | run-a | 0.3 | 0.6 | 0.6 |" in md  # best is the max for scores
     assert "| buffer_size | run-a | 8 | 48 | - |" in md  # no direction: no best
-    assert "lm_loss" not in md  # null throughout: not tabulated
+    assert "sft_loss" not in md  # null throughout: not tabulated
     assert "#### 4" in md and "| 9 |" in md
 
 
