@@ -8,6 +8,7 @@ returns the pairs as one Arrow table in the replay-buffer schema.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pyarrow as pa
 import ray
@@ -29,6 +30,7 @@ class TeacherWorker:
         self.score_with = score_with
         self.pairs = 0
         self.busy_s = 0.0
+        self.generated_tokens = self.scored_tokens = 0  # the teacher work done, in tokens
 
     def ready(self) -> bool:
         return True
@@ -78,11 +80,23 @@ class TeacherWorker:
             schema=BUFFER_SCHEMA,
         )
         self.pairs += n
+        self.generated_tokens += sum(len(g.token_ids) for g in teacher)
+        self.scored_tokens += sum(len(x.logprobs) for x in rejected) + (
+            0 if self.score_with == "primed" else sum(len(g.token_ids) for g in teacher))
         self.busy_s += time.perf_counter() - t
         return table
 
+    def generate(self, requests: list[dict], greedy: bool = True, max_new_tokens: int | None = None,
+                 seed: int | None = None) -> list[Generation]:
+        """The teacher's own answers to the student-side (unprimed) prompts: the reference score of a
+        held-out evaluation, on exactly the prompts the student is scored on."""
+        params = replace(self.params, temperature=0.0 if greedy else self.params.temperature, seed=seed,
+                         top_k_logprobs=0, max_new_tokens=max_new_tokens or self.params.max_new_tokens)
+        return self.engine.generate([r["prompt_ids"] for r in requests], params)
+
     def stats(self) -> dict:
-        return {"index": self.index, "pairs": self.pairs, "busy_s": self.busy_s}
+        return {"index": self.index, "pairs": self.pairs, "busy_s": self.busy_s,
+                "generated_tokens": self.generated_tokens, "scored_tokens": self.scored_tokens}
 
 
 class TeacherPool:

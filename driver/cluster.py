@@ -205,7 +205,8 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
         actor_options(t.engine),
         model_path=teacher_path,
         backend=resolve_backend(t.engine.backend),
-        engine_opts=engine_opts(t.engine, cfg, t.max_new_tokens),
+        # room for the held-out evaluation's longer answers too (eval.teacher)
+        engine_opts=engine_opts(t.engine, cfg, max(t.max_new_tokens, cfg.eval.max_new_tokens)),
         sampling={"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p},
         top_k=t.top_k_logprobs,
         score_with=cfg.priming.score_with,

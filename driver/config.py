@@ -171,7 +171,9 @@ class PhaseConfig:
 
     kind: Literal["online", "offline"] = "online"
     steps: int = 0
-    data: str | None = None  # offline: a dataset directory written by `raykd generate`
+    # offline: a dataset directory written by `raykd generate`; unset: the run generates it first, with
+    # its own teacher pool, prompts and priming, into RUN_DIR/teacher-data (resumable)
+    data: str | None = None
     loss: LossConfig | None = None  # this phase's loss (default: the top-level `loss`)
 
 
@@ -200,6 +202,10 @@ class EvalConfig:
     limit: int = 32
     max_new_tokens: int = 128
     seeds: list[int] = field(default_factory=list)  # empty: greedy; else sample once per seed
+    # score the student on these held-out prompts before training and after it (summary.json:
+    # eval_before / eval_after), and the teacher once on the same prompts (eval_teacher)
+    before_after: bool = False
+    teacher: bool = False
 
 
 @dataclass
@@ -410,8 +416,6 @@ def validate(cfg: Config) -> Config:
             ph.loss = _check_loss(ph.loss, f"{where}.loss")
         loss = ph.loss or cfg.loss
         if ph.kind == "offline":
-            _check(ph.data is not None, f"{where}.data", ph.data,
-                   "an offline phase needs a dataset directory written by `raykd generate`")
             _check(loss.type not in ("dpkd", "pg_rkl"), f"{where}.loss.type", loss.type,
                    "needs the student's responses, which offline data has none of (use sft, fkl, ... "
                    "or an online phase)")
@@ -477,7 +481,7 @@ def check_paths(cfg: Config) -> Config:
         _check(Path(cfg.eval.source).expanduser().is_file(), "eval.source", cfg.eval.source,
                "file does not exist")
     for i, ph in enumerate(cfg.schedule):
-        if ph.kind == "offline":
+        if ph.kind == "offline" and ph.data is not None:
             _check((Path(ph.data).expanduser() / "manifest.json").is_file(), f"schedule[{i}].data", ph.data,
                    "must be a dataset directory written by `raykd generate`")
     if cfg.learner.deepspeed_config is not None:

@@ -12,6 +12,7 @@ Metrics (definitions in ``kd/metrics.py``):
   teacher-forced on the held-out reference answers (the chat-formatted prompt, then the reference
   text), from both models' *full* logits (transformers, not the engines' top-k, so it is exact), averaged
   over all reference tokens of all examples.
+- ``kl_student_teacher``: the reverse, ``KL(q_student || p_teacher)``, on the same tokens.
 
 Generation: greedy by default; with ``--seeds 0,1,2`` one sampled run per seed (temperature
 ``--temperature``), and each metric is reported as the mean and sample std over the runs.
@@ -185,8 +186,9 @@ def evaluate(generate_fn: GenerateFn, tokenizer, examples: list[Example], prompt
 
 def teacher_student_kl(teacher_path: str, student_path: str, prompts: list[list[int]],
                        continuations: list[list[int]], progress: bool = False) -> dict:
-    """Token mean of ``KL(p_teacher || q_student)`` over ``continuations`` teacher-forced after
-    ``prompts``, from both models' full logits. ``{"kl_teacher_student": nats/token, "kl_tokens": n}``."""
+    """Token means of ``KL(p_teacher || q_student)`` and ``KL(q_student || p_teacher)`` over
+    ``continuations`` teacher-forced after ``prompts``, from both models' full logits:
+    ``{"kl_teacher_student": nats/token, "kl_student_teacher": nats/token, "kl_tokens": n}``."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -195,7 +197,7 @@ def teacher_student_kl(teacher_path: str, student_path: str, prompts: list[list[
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, **hf_kwargs()).to(device).eval()
               for p in (teacher_path, student_path)]
-    total, count = 0.0, 0
+    total, reverse, count = 0.0, 0.0, 0
     pairs = [(p, c) for p, c in zip(prompts, continuations) if c]
     if progress:
         from tqdm import tqdm
@@ -208,8 +210,10 @@ def teacher_student_kl(teacher_path: str, student_path: str, prompts: list[list[
             t, s = (m(input_ids=ids).logits[0, len(prompt) - 1:-1] for m in models)
             vocab = min(t.shape[-1], s.shape[-1])  # embeddings may be padded past the tokenizer
             total += float(token_kl(t[:, :vocab], s[:, :vocab]).sum())
+            reverse += float(token_kl(s[:, :vocab], t[:, :vocab]).sum())  # the student as reference
             count += len(cont)
-    return {"kl_teacher_student": total / count if count else None, "kl_tokens": count}
+    return {"kl_teacher_student": total / count if count else None,
+            "kl_student_teacher": reverse / count if count else None, "kl_tokens": count}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,9 +353,10 @@ def format_table(result: dict) -> str:
 
     for key in METRICS:
         lines.append(f"{key:<20}{f(m.get(key)):>10}{f(m.get(key + '_std')):>10}")
-    if "kl_teacher_student" in m:
-        lines.append(f"{'kl_teacher_student':<20}{f(m['kl_teacher_student']):>10}{'-':>10}"
-                     f"   (nats/token over {m.get('kl_tokens', 0)} reference tokens)")
+    for key in ("kl_teacher_student", "kl_student_teacher"):
+        if key in m:
+            lines.append(f"{key:<20}{f(m[key]):>10}{'-':>10}"
+                         f"   (nats/token over {m.get('kl_tokens', 0)} reference tokens)")
     return "\n".join(lines)
 
 

@@ -136,6 +136,21 @@ def _one_line(text, width: int = 100, keep_end: bool = False) -> str:
     return "..." + text[-(width - 3):] if keep_end else text[: width - 3] + "..."
 
 
+def _held_out_lines(summary: dict) -> list[str]:
+    """'held-out  exact_match 0.000 -> 0.125 (teacher 0.250)' per metric, from eval_before/_after/_teacher."""
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    teacher = summary.get("eval_teacher") or {}
+    lines = []
+    for key in ("exact_match", "rouge_l", "answer_rate"):
+        if key not in before and key not in after:
+            continue
+        text = f"{_fmt(before.get(key), '.3f')} -> {_fmt(after.get(key), '.3f')}"
+        if _num(teacher.get(key)) is not None:
+            text += f" (teacher {_fmt(teacher[key], '.3f')})"
+        lines.append(f"{'held-out' if not lines else '':<13}{key} {text}")
+    return lines
+
+
 def format_summary(summary: dict) -> str:
     """A short human-readable block for the end of a run, from the dict written to summary.json.
     Every key is optional: what is missing is left out."""
@@ -164,6 +179,7 @@ def format_summary(summary: dict) -> str:
     if evals:
         lines.append("eval         " + ", ".join(f"{k.removeprefix('eval_')} {_fmt(v, '.3f')}"
                                                    for k, v in evals.items()))
+    lines += _held_out_lines(summary)
     probe = summary.get("probe") or {}
     if probe:
         if probe.get("prompt"):

@@ -60,7 +60,6 @@ def _check_manifest(out: Path, identity: dict) -> None:
 def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: bool = True) -> dict:
     """Run the TeacherPool over the configured prompts into Parquet shards under ``out_dir``."""
     import ray
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from actors.engines import resolve_backend
@@ -77,15 +76,7 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
     cache = Path(cfg.models.cache_dir).expanduser() if cfg.models.cache_dir else None
     teacher_path = str(resolve_model(cfg.models.teacher, cache))
     requests, skipped = build_requests(cfg, AutoTokenizer.from_pretrained(teacher_path, **hf_kwargs()), records)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    identity = _identity(cfg, len(requests), shard_size)
-    _check_manifest(out, identity)
-    (out / MANIFEST).write_text(json.dumps({"identity": identity, "skipped_overlong": skipped}, indent=1))
-    shards = [requests[i : i + shard_size] for i in range(0, len(requests), shard_size)]
-    todo = [i for i in range(len(shards)) if not (out / shard_name(i)).exists()]
-    done_rows = sum(len(shards[i]) for i in range(len(shards)) if i not in todo)
-
+    _check_manifest(Path(out_dir), _identity(cfg, len(requests), shard_size))  # before Ray starts
     started = start_ray(cfg)
     t = cfg.teacher
     try:
@@ -97,34 +88,54 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
             sampling={"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p},
             top_k=t.top_k_logprobs, score_with=cfg.priming.score_with)
         ray.get(pool.ready_refs())
-        bar = tqdm(total=len(requests), initial=done_rows, desc="generate", unit="prompt",
-                   disable=not progress, dynamic_ncols=True)
-        per_request = cfg.sampler.prompts_per_request
-        pending: dict = {}  # ref -> (shard, part)
-        parts: dict[int, dict[int, pa.Table]] = {i: {} for i in todo}
-        n_parts = {i: (len(shards[i]) + per_request - 1) // per_request for i in todo}
-        queue = [(i, j) for i in todo for j in range(n_parts[i])]
-        window = 2 * t.num_replicas
-        while queue or pending:
-            while queue and len(pending) < window:
-                i, j = queue.pop(0)
-                batch = shards[i][j * per_request : (j + 1) * per_request]
-                pending[pool.submit(batch, None)] = (i, j)
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                i, j = pending.pop(ref)
-                pool.done(ref)
-                parts[i][j] = ray.get(ref)
-                bar.update(parts[i][j].num_rows)
-                if len(parts[i]) == n_parts[i]:
-                    _write_shard(out / shard_name(i), [parts[i][k] for k in range(n_parts[i])])
-                    del parts[i]
-        bar.close()
+        summary = generate_with(pool, cfg, requests, skipped, out_dir, shard_size, progress)
         for w in pool.workers:
             ray.kill(w)
     finally:
         if started:
             ray.shutdown()
+    return summary
+
+
+def generate_with(pool, cfg, requests: list[dict], skipped: int, out_dir: str | Path, shard_size: int = 64,
+                  progress: bool = True) -> dict:
+    """Write the teacher rows of ``requests`` with a running ``pool`` into ``out_dir``: the shared core
+    of ``raykd generate`` and of an offline phase whose dataset the run generates itself. Finished
+    shards are kept (a re-run resumes); a directory made with other settings is refused."""
+    import ray
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = _identity(cfg, len(requests), shard_size)
+    _check_manifest(out, identity)
+    (out / MANIFEST).write_text(json.dumps({"identity": identity, "skipped_overlong": skipped}, indent=1))
+    shards = [requests[i : i + shard_size] for i in range(0, len(requests), shard_size)]
+    todo = [i for i in range(len(shards)) if not (out / shard_name(i)).exists()]
+    done_rows = sum(len(shards[i]) for i in range(len(shards)) if i not in todo)
+    bar = tqdm(total=len(requests), initial=done_rows, desc="generate", unit="prompt",
+               disable=not progress, dynamic_ncols=True)
+    per_request = cfg.sampler.prompts_per_request
+    pending: dict = {}  # ref -> (shard, part)
+    parts: dict[int, dict[int, pa.Table]] = {i: {} for i in todo}
+    n_parts = {i: (len(shards[i]) + per_request - 1) // per_request for i in todo}
+    queue = [(i, j) for i in todo for j in range(n_parts[i])]
+    window = 2 * len(pool.workers)
+    while queue or pending:
+        while queue and len(pending) < window:
+            i, j = queue.pop(0)
+            batch = shards[i][j * per_request : (j + 1) * per_request]
+            pending[pool.submit(batch, None)] = (i, j)
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            i, j = pending.pop(ref)
+            pool.done(ref)
+            parts[i][j] = ray.get(ref)
+            bar.update(parts[i][j].num_rows)
+            if len(parts[i]) == n_parts[i]:
+                _write_shard(out / shard_name(i), [parts[i][k] for k in range(n_parts[i])])
+                del parts[i]
+    bar.close()
     return {"out": str(out), "shards": len(shards), "written": len(todo), "prompts": len(requests),
             "skipped_overlong": skipped}
 

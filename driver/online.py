@@ -64,6 +64,9 @@ class Trainer:
         self.prompts_requested = 0  # online prompts taken from the stream (all of them end up consumed)
         self.elapsed_before = 0.0
         self.sync_seconds = 0.0
+        self.pushed_step = 0  # the step whose weights the samplers run (0: the initial student)
+        self.eval_before: dict = {}  # held-out scores before training (eval.before_after)
+        self.eval_teacher: dict = {}  # the teacher's, on the same prompts (eval.teacher)
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -82,6 +85,7 @@ class Trainer:
                  "phase_step": self.phase_step, "pairs_added": self.pairs_added,
                  "prompts_requested": self.prompts_requested,
                  "producer": producer.state(), "elapsed_s": self._elapsed(),
+                 "eval_before": self.eval_before, "eval_teacher": self.eval_teacher,
                  "metrics_rows": self.step, "consumed_lines": _count_lines(self.consumed)}
         (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
@@ -137,11 +141,13 @@ class Trainer:
             setattr(self, key, state[key])
         self.guard.version, self.guard.rows_at_save = self.version, self.pairs_added
         self.producer_state, self.elapsed_before = state["producer"], state["elapsed_s"]
+        self.eval_before, self.eval_teacher = state.get("eval_before", {}), state.get("eval_teacher", {})
         _truncate_lines(self.log.path, state["metrics_rows"])
         _truncate_lines(self.consumed, state["consumed_lines"])
         if self.version > 0 or push_always:  # samplers must run the checkpoint's weights
             self.sync.push(self.version)
             self.sync.wait()
+        self.pushed_step = self.step
         self.guard.call("set_version", self.version)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -154,7 +160,7 @@ class Trainer:
         if phase.kind == "offline":
             from driver.offline import read_dataset
 
-            return OfflineProducer(self.cfg, self.actors.buffer, read_dataset(phase.data),
+            return OfflineProducer(self.cfg, self.actors.buffer, read_dataset(phase.data or self.teacher_data),
                                    st.get("epoch", 0), st.get("pos", 0), self.guard)
         s = st.get("stream", {})
         stream = PromptStream(self.prep.requests, self.cfg.run.seed, s.get("epoch", 0), s.get("pos", 0))
@@ -165,9 +171,34 @@ class Trainer:
         with GracefulStop() as self.stop:
             return self._run()
 
+    @property
+    def teacher_data(self) -> Path:
+        """Where the run writes the dataset of an offline phase that names none."""
+        return self.run_dir / "teacher-data"
+
+    def _generate_teacher_data(self) -> None:
+        """The offline phases without ``data`` train on this run's teacher's responses to its prompts,
+        generated first by the run's own teacher pool (resumable: finished shards are kept)."""
+        from driver.offline import generate_with
+
+        if any(p.kind == "offline" and p.data is None for p in self.phases[self.phase_index:]):
+            print(f"raykd: generating the offline phase's teacher data into {self.teacher_data}", file=sys.stderr)
+            generate_with(self.actors.teachers, self.cfg, self.prep.requests, self.prep.skipped_overlong,
+                          self.teacher_data, progress=self.progress)
+
+    def _evaluate(self, actor) -> dict:
+        """Held-out scores of ``actor``'s current weights (a sampler, or a teacher replica)."""
+        row = self.evaluator.run(lambda prompts, seed=None: self._generate(prompts, seed, actor))
+        return {k.removeprefix("eval_"): v for k, v in row.items()}
+
     def _run(self) -> dict:
         self.t0 = time.perf_counter()
         self.probe_before = _probe(self.actors, self.prep)
+        if self.cfg.eval.before_after and self.step == 0:
+            self.eval_before = self._evaluate(self.actors.samplers[0])
+        if self.cfg.eval.teacher and not self.eval_teacher:
+            self.eval_teacher = self._evaluate(self.actors.teachers.workers[0])
+        self._generate_teacher_data()
         bar = ProgressBar(self.cfg.total_steps(), enabled=self.progress,
                           buffer_capacity=self.cfg.buffer.capacity, initial=self.step)
         every = self.cfg.checkpoint.every_steps
@@ -190,13 +221,14 @@ class Trainer:
                 bar.reset_to(self.step)
                 continue  # the phase goes on from the restored state, with a new producer
             self._drain(producer)
+            if phase.kind == "offline" and self.pushed_step != self.step:
+                self._push()  # the next phase samples from the student this phase trained
             self.phase_index, self.phase_step, self.producer_state = self.phase_index + 1, 0, {}
             if self.phase_index < len(self.phases):
                 self.guard.call("clear")  # rows of one phase's kind never leak into the next
         bar.close()
-        if self.step % self.cfg.sync.every_steps:  # the samplers end on the final weights too
-            self.version += 1
-            self.sync.push(self.version)
+        if self.pushed_step != self.step:  # the samplers end on the final weights too
+            self._push()
         self.sync_seconds = self.sync.wait() or self.sync_seconds
         if not (every and self.step % every == 0):
             self.save_checkpoint(Drained())
@@ -207,6 +239,9 @@ class Trainer:
             wait_alive(actor)  # one may still be restarting after a failure
         self.sync.wait()
         probe_after = _probe(self.actors, self.prep)
+        held_out = {"eval_before": self.eval_before, "eval_teacher": self.eval_teacher}
+        if self.cfg.eval.before_after and interrupted_at is None:
+            held_out["eval_after"] = self._evaluate(self.actors.samplers[0])
         final = self.run_dir / "final"
         self.actors.learners.save_hf(str(final), self.prep.student_path)
         stats = self.guard.call("stats")
@@ -222,7 +257,7 @@ class Trainer:
             "samplers": ray.get([s.stats.remote() for s in self.actors.samplers]),
             "first_loss": self.log.first.get("loss"), "last_loss": self.log.last.get("loss"),
             "final_model": str(final),
-            **self.last_eval,
+            **self.last_eval, **{k: v for k, v in held_out.items() if v},
             "probe": {"prompt": self.prep.tokenizer.decode(self.prep.requests[0]["prompt_ids"]),
                       "before": self.probe_before, "after": probe_after},
         }
@@ -264,11 +299,7 @@ class Trainer:
         self.step += 1
         self.phase_step += 1
         if self.step % cfg.sync.every_steps == 0 and phase.kind == "online":
-            self.version += 1
-            self.guard.version = self.version
-            self.sync_seconds = self.sync.wait() or self.sync_seconds
-            self.sync.push(self.version)
-            actors.buffer.set_version.remote(self.version)
+            self._push()
         stats = self.guard.check(self.guard.call("stats"))
         batch_version = metrics.pop("batch_policy_version", None)
         row = {
@@ -281,16 +312,28 @@ class Trainer:
             "elapsed_s": self._elapsed(),
         }
         if self.evaluator is not None and self.evaluator.due(self.step):
+            if self.pushed_step != self.step:
+                self._push()  # an offline phase (or an off-beat step) has not pushed these weights yet
             self.last_eval = self.evaluator.run(self._generate)  # sees the weights just pushed
             row.update(self.last_eval)
         record_step(row)
         self.log.write(row)
         bar.update(row)
 
-    def _generate(self, prompts: list[list[int]], seed: int | None = None) -> list[list[int]]:
-        """Sampler 0's output for periodic evaluation: greedy unless eval.seeds gives a seed."""
+    def _push(self) -> None:
+        """The learner's weights to every sampler as the next policy version (after the last push)."""
+        self.version += 1
+        self.guard.version = self.version
+        self.sync_seconds = self.sync.wait() or self.sync_seconds
+        self.sync.push(self.version)
+        self.pushed_step = self.step
+        self.actors.buffer.set_version.remote(self.version)
+
+    def _generate(self, prompts: list[list[int]], seed: int | None = None, actor=None) -> list[list[int]]:
+        """``actor``'s (default sampler 0's) output for evaluation: greedy unless eval.seeds gives a seed.
+        Actor calls run in submission order, so a sampler answers with the weights pushed before."""
         reqs = [{"prompt_ids": p} for p in prompts]
-        gens = ray.get(self.actors.samplers[0].generate.remote(
+        gens = ray.get((actor or self.actors.samplers[0]).generate.remote(
             reqs, seed=seed, greedy=seed is None, max_new_tokens=self.cfg.eval.max_new_tokens))
         return [g.token_ids for g in gens]
 
@@ -344,7 +387,8 @@ def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool 
     from driver.evaluate import PeriodicEval
 
     # built before any actor starts, so bad eval data fails fast
-    evaluator = PeriodicEval(cfg, prep.tokenizer) if cfg.eval.every_steps else None
+    wants_eval = cfg.eval.every_steps or cfg.eval.before_after or cfg.eval.teacher
+    evaluator = PeriodicEval(cfg, prep.tokenizer) if wants_eval else None
     started_ray = start_ray(cfg)
     try:
         check_resources(cfg)
