@@ -35,27 +35,38 @@ class TeacherWorker:
     def ready(self) -> bool:
         return True
 
-    def make_pairs(self, requests: list[dict], student: list[Generation] | None) -> pa.Table:
+    def make_pairs(self, requests: list[dict], student: list[Generation] | None,
+                   needs: dict | None = None) -> pa.Table:
         """Rows for ``requests`` (dicts: prompt_id, prompt_ids, teacher_prompt_ids, priming,
         reference_answer). With the student's generations (same order) these are preference pairs;
-        with ``student=None`` they are offline teacher rows (no y_s, ``policy_version`` -1)."""
+        with ``student=None`` they are offline teacher rows (no y_s, ``policy_version`` -1).
+
+        ``needs`` (``kd.objective.loss_needs`` of the loss these rows feed; default everything): the
+        teacher generates y_t only if ``y_t`` is needed, and scores y_s only if ``teacher_scores_y_s``
+        is; what is not needed stays empty in the row (same schema)."""
         if student is not None and len(requests) != len(student):
             raise ValueError(f"{len(requests)} requests but {len(student)} student generations")
+        needs = needs or {"y_t": True, "teacher_scores_y_s": True}
         t = time.perf_counter()
-        teacher = self.engine.generate([r["teacher_prompt_ids"] for r in requests], self.params)
-        metrics.record_generation(f"teacher-{self.index}", len(teacher), sum(len(g.token_ids) for g in teacher),
-                                  time.perf_counter() - t)
+        if needs["y_t"]:
+            teacher = self.engine.generate([r["teacher_prompt_ids"] for r in requests], self.params)
+            metrics.record_generation(f"teacher-{self.index}", len(teacher),
+                                      sum(len(g.token_ids) for g in teacher), time.perf_counter() - t)
+        else:
+            teacher = [Generation([], [], "length", self.engine.version) for _ in requests]
         key = "teacher_prompt_ids" if self.score_with == "primed" else "prompt_ids"
         ctx = [r[key] for r in requests]
         student_ids = [g.token_ids for g in student] if student is not None else []
+        to_score = student_ids if needs["teacher_scores_y_s"] else []
         if self.score_with == "primed":
             # y_t was sampled from the primed prompt: its raw log-probs and top-k came with it
             chosen = teacher
-            rejected = self.engine.score(ctx, student_ids, self.top_k) if student is not None else []
+            rejected = self.engine.score(ctx, to_score, self.top_k) if to_score else []
         else:
-            both = [g.token_ids for g in teacher] + student_ids
-            scores = self.engine.score((ctx + ctx)[: len(both)], both, self.top_k)
-            chosen, rejected = scores[: len(requests)], scores[len(requests):]
+            both = [g.token_ids for g in teacher if needs["y_t"]] + to_score
+            scores = self.engine.score((ctx + ctx)[: len(both)], both, self.top_k) if both else []
+            n_t = len(requests) if needs["y_t"] else 0
+            chosen, rejected = (scores[:n_t] if n_t else teacher), scores[n_t:]
         n = len(requests)
         empty = [[]] * n
         table = pa.Table.from_pydict(
@@ -116,12 +127,14 @@ class TeacherPool:
     def ready_refs(self) -> list:
         return [w.ready.remote() for w in self.workers]
 
-    def submit(self, requests: list[dict], student_ref, avoid: int | None = None) -> ray.ObjectRef:
+    def submit(self, requests: list[dict], student_ref, avoid: int | None = None,
+               needs: dict | None = None) -> ray.ObjectRef:
         """``student_ref``: the sampler's ObjectRef (Ray resolves it before the teacher runs), or None
-        for offline rows. ``avoid``: a replica not to use (one that just failed) if there is another."""
+        for offline rows. ``avoid``: a replica not to use (one that just failed) if there is another.
+        ``needs``: what the loss reads (see ``TeacherWorker.make_pairs``)."""
         choices = [i for i in range(len(self.workers)) if i != avoid] or list(range(len(self.workers)))
         i = min(choices, key=self.in_flight.__getitem__)
-        ref = self.workers[i].make_pairs.remote(requests, student_ref)
+        ref = self.workers[i].make_pairs.remote(requests, student_ref, needs)
         self.in_flight[i] += 1
         self._owner[ref] = i
         return ref

@@ -164,8 +164,10 @@ class Trainer:
                                    st.get("epoch", 0), st.get("pos", 0), self.guard)
         s = st.get("stream", {})
         stream = PromptStream(self.prep.requests, self.cfg.run.seed, s.get("epoch", 0), s.get("pos", 0))
+        from kd.objective import loss_needs
+
         return OnlineProducer(self.cfg, self.actors, stream, self.consumed, self.sync, self.recovered,
-                              self.guard)
+                              self.guard, loss_needs(phase.loss))
 
     def run(self) -> dict:
         with GracefulStop() as self.stop:

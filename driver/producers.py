@@ -54,9 +54,12 @@ class OnlineProducer:
     """
 
     def __init__(self, cfg: Config, actors, stream: PromptStream, consumed: Path, sync=None,
-                 recovered: dict | None = None, guard: BufferGuard | None = None):
+                 recovered: dict | None = None, guard: BufferGuard | None = None, needs: dict | None = None):
         self.cfg, self.actors, self.stream, self.consumed, self.sync = cfg, actors, stream, consumed, sync
         self.guard = guard
+        # what the phase's loss reads (kd.objective.loss_needs): no sampler call for a loss that never
+        # reads y_s, no teacher generation for one that never reads y_t
+        self.needs = needs or {"y_t": True, "y_s": True, "teacher_scores_y_s": True}
         self.in_flight: dict = {}  # add ref -> request (dict: sampler, gen, pair, epoch, reqs, seed)
         self.per_sampler = [0] * len(actors.samplers)
         self.sent = 0
@@ -74,9 +77,9 @@ class OnlineProducer:
                 self.sent += 1
 
     def _send(self, req: dict, gen=None, avoid_teacher: int | None = None) -> None:
-        if gen is None:
+        if gen is None and self.needs["y_s"]:
             gen = self.actors.samplers[req["sampler"]].generate.remote(req["reqs"], seed=req["seed"])
-        pair = self.actors.teachers.submit(req["reqs"], gen, avoid=avoid_teacher)
+        pair = self.actors.teachers.submit(req["reqs"], gen, avoid=avoid_teacher, needs=self.needs)
         self._add(req, gen, pair)
 
     def _add(self, req: dict, gen, pair) -> None:
@@ -104,7 +107,8 @@ class OnlineProducer:
 
     def _resend(self, req: dict, teacher: int | None) -> None:
         try:
-            ray.get(req["gen"])
+            if req["gen"] is not None:
+                ray.get(req["gen"])
         except ray.exceptions.RayActorError:  # the sampler died: Ray restarts it; it needs the weights
             self.recovered["sampler"] += 1
             wait_alive(self.actors.samplers[req["sampler"]])
