@@ -239,7 +239,7 @@ def run_one(name: str, schedule, base: dict, seed: int, work: Path, data: dict, 
 
 COLUMNS = [("synth_exact_match", "synth EM"), ("synth_rouge_l", "synth Rouge-L"),
            ("gsm8k_exact_match", "GSM8K EM"), ("gsm8k_rouge_l", "GSM8K Rouge-L"),
-           ("kl_teacher_student", "KL(t||s)"), ("kl_student_teacher", "KL(s||t)"),
+           ("kl_teacher_student", "KL(t‖s)"), ("kl_student_teacher", "KL(s‖t)"),
            ("wall_s", "wall s"), ("teacher_tokens", "teacher tokens")]
 
 

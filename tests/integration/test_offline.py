@@ -103,3 +103,32 @@ def test_offline_then_online_schedule(tiny_models, tmp_path):
     assert all("dpkd_loss" not in r and r["sft_loss"] is not None for r in rows[:3])  # SeqKD on teacher text
     assert all("dpkd_loss" in r for r in rows[3:])
     assert summary["steps"] == 5 and summary["sampler_versions"] == [summary["policy_version"]]
+
+
+def test_offline_phase_without_data_uses_the_runs_own_teacher_data(tiny_models, tmp_path):
+    """No `raykd generate` first: the run generates its offline data with its own teacher pool, then
+    the online phase samples from the student the offline phase trained (weights pushed at its end)."""
+    import pyarrow.parquet as pq
+
+    from driver.online import latest_checkpoint, run_online
+    from driver.prepare import prepare
+
+    cfg = load_config(None, [
+        f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
+        "data.num_prompts=12", "teacher.max_new_tokens=6", "sampler.max_new_tokens=6",
+        "teacher.top_k_logprobs=4", "sampler.prompts_per_request=4", "buffer.capacity=32",
+        "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=6", *HF,
+        "eval.before_after=true", "eval.teacher=true", "eval.limit=3", "eval.max_new_tokens=4",
+        "schedule=[{kind: offline, steps: 2, loss: {type: sft}}, {kind: online, steps: 2, loss: {type: dpkd}}]"])
+    run = tmp_path / "run"
+    summary = run_online(cfg, prepare(cfg, str(run)), progress=False)
+    data = read_dataset(run / "teacher-data")
+    assert data.num_rows == 12 and set(data.column("policy_version").to_pylist()) == {-1}
+    assert summary["steps"] == 4
+    # one push at the end of the offline phase, one at online step 4: the samplers run version 2
+    assert summary["policy_version"] == 2 and summary["sampler_versions"] == [2]
+    online_rows = pq.read_table(latest_checkpoint(run) / "buffer.parquet")  # cleared at the phase change
+    assert online_rows.num_rows > 0 and min(online_rows.column("policy_version").to_pylist()) >= 1
+    for key in ("eval_before", "eval_after", "eval_teacher"):
+        assert set(summary[key]) >= {"exact_match", "rouge_l", "answer_rate"}, key
+    assert summary["eval_after"]["rouge_l"] is not None

@@ -1,0 +1,37 @@
+"""benchmarks/quality.py at a tiny size: every method of the chosen subset trains, is scored on
+held-out prompts, and lands in the report (table, plot, raw JSON)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quality_benchmark_runs_the_grid_at_a_tiny_size(tmp_path):
+    out = tmp_path / "results.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--tiny", "--quick", "--steps", "2",
+           "--methods", "initial,seqkd,gkd_jsd,dpkd", "--work", str(tmp_path / "work"), "--out", str(out)]
+    env = dict(os.environ, RAY_ADDRESS="")  # its own local cluster
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    raw = json.loads(out.with_suffix(".json").read_text())
+    runs = {r["method"]: r for r in raw["runs"]}
+    assert set(runs) == {"initial", "seqkd", "gkd_jsd", "dpkd"}
+    for name, r in runs.items():
+        assert 0 <= r["synth_rouge_l"] <= 1 and r["kl_teacher_student"] > 0 and r["kl_student_teacher"] > 0
+        assert (r["steps"], r["wall_s"] > 0) == ((0, False) if name == "initial" else (2, True))
+    # the teacher work each loss needs: GKD's jsd scores the student's samples only, DPKD also generates y_t
+    assert 0 < runs["gkd_jsd"]["teacher_tokens"] < runs["dpkd"]["teacher_tokens"]
+    assert runs["seqkd"]["teacher_tokens"] > 0  # the shared teacher dataset is charged to it
+    table = out.read_text()
+    assert all(f"| {m} | 1 |" in table for m in runs) and "| teacher (reference) |" in table
+    assert out.with_suffix(".png").stat().st_size > 1000
+    # a re-run with the same work directory redoes nothing
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(out.with_suffix(".json").read_text())["runs"] == raw["runs"]
