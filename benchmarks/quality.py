@@ -188,6 +188,14 @@ class Scorer:
 # ---------------------------------------------------------------------------------------------
 
 
+def _fresh(path: Path) -> Path:
+    """A scratch run directory, emptied (raykd refuses to start a run in an existing one)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
 def _write_yaml(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -215,11 +223,7 @@ def run_one(name: str, schedule, base: dict, seed: int, work: Path, data: dict, 
             extra["priming"] = {"strategy": name.split("+", 1)[1]}
         cfg = load_config(_write_yaml(work / f"{name}-s{seed}.yaml",
                                       {**base, **extra, "run": {"name": name, "seed": seed}, "schedule": sched}))
-        if run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)  # an unfinished earlier attempt
-        summary = run_online(cfg, prepare(cfg, str(run_dir)), progress=False)
+        summary = run_online(cfg, prepare(cfg, str(_fresh(run_dir))), progress=False)  # redo an unfinished one
         model = summary["final_model"]
         uses_teacher_data = any(p["data"] == "TEACHER" for p in offline)
         result.update(steps=summary["steps"], wall_s=summary["wall_s"], teacher_tokens=sum(
@@ -349,7 +353,7 @@ def main(argv=None) -> int:
     results = []
     try:
         probe_cfg = load_config(_write_yaml(work / "probe.yaml", base))
-        probe = prepare(probe_cfg, str(work / "probe-run"))
+        probe = prepare(probe_cfg, str(_fresh(work / "probe-run")))
         scorer = Scorer(probe_cfg, probe.tokenizer, probe.teacher_path, args.gsm8k, args.gsm8k_limit, args.limit)
         teacher_file = work / "teacher-scores.json"
         if not teacher_file.is_file():
@@ -362,7 +366,8 @@ def main(argv=None) -> int:
                 data["TEACHER"], data["teacher_cost"] = teacher_dataset(base, seed, work)
             if any(p["data"] == "REFERENCE" for p in grid[name] or [] if p["kind"] == "offline"):
                 cfg = load_config(_write_yaml(work / f"ref-s{seed}.yaml", {**base, "run": {"seed": seed}}))
-                data["REFERENCE"] = reference_dataset(cfg, prepare(cfg, str(work / f"ref-s{seed}-run")), seed, work)
+                prep = prepare(cfg, str(_fresh(work / f"ref-s{seed}-run")))
+                data["REFERENCE"] = reference_dataset(cfg, prep, seed, work)
             results.append(run_one(name, grid[name], base, seed, work, data, scorer, args.max_new_tokens))
     finally:
         ray.shutdown()
