@@ -133,7 +133,7 @@ class LearnerConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    max_steps: int = 20
+    max_steps: int = 20  # the run's length when there is no schedule (a schedule sets its phases' steps)
     grad_accum_steps: int = 1
     max_restarts: int = 2  # a dead learner rank: restart the group from the last checkpoint this often
     bf16: Literal["auto", "on", "off"] = "auto"  # auto: on where the device supports it (GPU)
