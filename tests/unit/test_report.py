@@ -182,3 +182,15 @@ def test_format_summary():
     assert "eval         exact_match 0.500" in lines
     assert format_summary({}) == "== raykd run summary =="
     assert "loss         - -> -" in format_summary({"first_loss": None, "last_loss": math.nan})
+
+
+def test_format_summary_shows_held_out_scores_before_and_after():
+    text = format_summary({"eval_before": {"exact_match": 0.0, "rouge_l": 0.012, "answer_rate": 0.1},
+                           "eval_after": {"exact_match": 0.125, "rouge_l": 0.2, "answer_rate": 0.9},
+                           "eval_teacher": {"exact_match": 0.25, "rouge_l": 0.3}})
+    lines = text.splitlines()
+    assert "held-out     exact_match 0.000 -> 0.125 (teacher 0.250)" in lines
+    assert "             rouge_l 0.012 -> 0.200 (teacher 0.300)" in lines
+    assert "             answer_rate 0.100 -> 0.900" in lines  # no teacher value: none shown
+    # an interrupted run has no after-score yet
+    assert "held-out     rouge_l 0.500 -> -" in format_summary({"eval_before": {"rouge_l": 0.5}}).splitlines()
