@@ -68,7 +68,9 @@ def start_ray(cfg: Config) -> bool:
     need = requested_resources(cfg)
     # Logical CPUs may exceed physical cores: actors share cores, each capped by its torch threads.
     cpus = cfg.ray.num_cpus or max(int(need["CPU"] + 0.999), os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=cfg.ray.include_dashboard,
+    # address="local": always a new cluster of our own; without it ray.init joins any cluster it finds
+    # on the machine (a crashed run's leftover, another job's), which then refuses num_cpus
+    ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.ray.include_dashboard,
              dashboard_host=cfg.ray.dashboard_host, runtime_env=env, log_to_driver=False,
              configure_logging=False)
     return True
