@@ -88,7 +88,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="raykd-chaos-"))
     models = {"teacher": str(make_tiny_model(root / "teacher", 4, 0)),
               "student": str(make_tiny_model(root / "student", 2, 1))}
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         # warm-up (unmeasured): the first run in a cluster also pays for starting worker processes
         run_once(make_config(models, 4, root), root / "warmup", None, random.Random(args.seed))

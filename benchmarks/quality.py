@@ -348,7 +348,7 @@ def main(argv=None) -> int:
                 "student": str(make_tiny_model(work / "tiny-student", 2, 1))}
         args.max_new_tokens, args.limit, args.gsm8k_limit = 8, 4, 4
     base = base_config(tiny)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     results = []
     try:

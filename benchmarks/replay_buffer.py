@@ -109,7 +109,7 @@ def main() -> None:
     batches = [make_batch(args.batch, args.prompt, args.response, args.top_k, seed=i) for i in range(n_batches)]
     mb = sum(b.nbytes for b in batches) / 2**20
     print(f"{mb:.0f} MiB of rows, {mb / args.rows * 1024:.0f} KiB per row")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         rows = n_batches * args.batch
         floor = bench_floor(batches)

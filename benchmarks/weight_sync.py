@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     counts = [int(x) for x in args.samplers.split(",")]
     modes = args.modes.split(",")
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="raykd-bench-"))
-    ray.init(num_cpus=max(counts) + 2, object_store_memory=3 << 30, include_dashboard=False,
+    ray.init(address="local", num_cpus=max(counts) + 2, object_store_memory=3 << 30, include_dashboard=False,
              log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}})
     load_before = os.getloadavg()[0]

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent('''
 
     model_path = sys.argv[1]
     s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False,
              _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 500},
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     assert ray._private.worker.global_worker.node.metrics_export_port == port

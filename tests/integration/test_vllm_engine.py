@@ -207,7 +207,7 @@ def test_engine_inside_ray_actor(tiny_path, hf_engine, prompts):
 
     own_cluster = not ray.is_initialized()  # another test module may have left one running
     if own_cluster:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
 
         @ray.remote(num_cpus=1)
