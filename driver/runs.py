@@ -1,7 +1,7 @@
 """Run directories, checkpoint manifests and ``--resume``: everything decided before any actor starts.
 
 - A new run never lands in a directory that holds another run (``--overwrite`` clears one on purpose).
-- Every checkpoint carries ``manifest.json`` (each file's path, size and blake2b), written last before
+- Every checkpoint carries ``manifest.json`` (each file's path, size and sha256), written last before
   the checkpoint directory is renamed into place. Resume verifies checkpoints newest first, uses the
   newest intact one and sets damaged ones aside as ``checkpoints/damaged-step-NNNNNN``.
 - The run's saved ``config.yaml`` is what a resume continues; a different config is refused unless
@@ -34,7 +34,7 @@ class RunDirError(UserInputError):
 # -- checkpoint manifests ---------------------------------------------------------------------------
 
 def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=32)
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
@@ -44,7 +44,7 @@ def file_digest(path: Path) -> str:
 def write_manifest(ckpt: Path) -> None:
     """Record every file under ``ckpt``; call it last, before the directory is renamed into place."""
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = [{"path": p.relative_to(ckpt).as_posix(), "size": p.stat().st_size, "blake2b": file_digest(p)}
+    entries = [{"path": p.relative_to(ckpt).as_posix(), "size": p.stat().st_size, "sha256": file_digest(p)}
                for p in files]
     tmp = ckpt / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"files": entries}, indent=0))
@@ -65,7 +65,7 @@ def verify_checkpoint(ckpt: Path) -> str | None:
             return f"{e['path']} is missing"
         if p.stat().st_size != e["size"]:
             return f"{e['path']} has {p.stat().st_size} bytes, expected {e['size']}"
-        if file_digest(p) != e["blake2b"]:
+        if file_digest(p) != e["sha256"]:
             return f"{e['path']} does not match its checksum"
     if "driver_state.json" not in {e["path"] for e in entries}:
         return "driver_state.json is missing"
