@@ -59,6 +59,7 @@ class Trainer:
         self.progress = progress
         self.step = self.version = self.phase_index = self.phase_step = self.pairs_added = 0
         self.producer_state: dict = {}
+        self.drained_state: dict = {}  # the last real producer's position once drained (see restore)
         self.recovered = {"sampler": 0, "teacher": 0}  # requests re-sent after an actor died
         self.guard = BufferGuard(actors.buffer, self.run_dir, lambda: self.pairs_added)
         self.learner_restarts = self.restarts_before = 0  # before: restarts in earlier sessions (--resume)
@@ -84,7 +85,7 @@ class Trainer:
                  "prompts_requested": self.prompts_requested,
                  "producer": producer.state(), "elapsed_s": self._elapsed(),
                  "metrics_rows": self.step, "consumed_lines": _count_lines(self.consumed),
-                 "faults": self._faults()}
+                 "faults": self._faults(), "drained_producer": self.drained_state}
         (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
         write_manifest(tmp)  # last: a checkpoint whose files all match it is whole
         if final.exists():
@@ -144,9 +145,9 @@ class Trainer:
         for key in ("step", "version", "phase_index", "phase_step", "pairs_added", "prompts_requested"):
             setattr(self, key, state[key])
         self.phase_index, self.phase_step = phase_position(self.phases, self.step, self.phase_index, self.phase_step)
-        same_phase = self.phase_index == state["phase_index"]
         self.guard.version, self.guard.rows_at_save = self.version, self.pairs_added
-        self.producer_state, self.elapsed_before = state["producer"] if same_phase else {}, state["elapsed_s"]
+        self.producer_state, self.elapsed_before = self._producer_state(state), state["elapsed_s"]
+        self.drained_state = state.get("drained_producer", {})
         if faults:
             self._set_faults(state.get("faults", {}))
         _truncate_lines(self.log.path, state["metrics_rows"])
@@ -156,12 +157,19 @@ class Trainer:
             self.sync.wait()
         self.guard.call("set_version", self.version)
 
+    def _producer_state(self, state: dict) -> dict:
+        """The saved position of this phase's producer; a finished phase that a config change
+        extended goes on from where its producer stopped (no prompt twice)."""
+        if self.phase_index == state["phase_index"]:
+            return state["producer"]
+        return state.get("drained_producer", {}) if self.phase_index == state["phase_index"] - 1 else {}
+
     def rewind_to_start(self) -> None:
         """Back to step 0 with the initial weights (a learner died before the first checkpoint):
         the same rewind as a restore, to an empty buffer and the start of the prompts."""
         for key in ("step", "version", "phase_index", "phase_step", "pairs_added", "prompts_requested"):
             setattr(self, key, 0)
-        self.producer_state = {}
+        self.producer_state = self.drained_state = {}
         self.guard.call("reset")
         self.guard.version = self.guard.rows_at_save = 0
         _truncate_lines(self.log.path, 0)
@@ -275,6 +283,8 @@ class Trainer:
             self.guard.set_overflow(False)
         self.prompts_requested += producer.taken
         producer.taken = 0
+        if not isinstance(producer, Drained):
+            self.drained_state = producer.state()
 
     def _train_step(self, producer, phase: PhaseConfig, bar) -> None:
         cfg, actors = self.cfg, self.actors
