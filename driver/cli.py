@@ -21,14 +21,15 @@ def _train(args) -> int:
     from driver.online import run_online
     from driver.prepare import prepare
 
-    prep = prepare(cfg, str(run_dir), resume=plan is not None, overwrite=args.overwrite)
-    if plan is not None:
-        from driver.runs import commit_resume
+    from driver.runs import commit_resume
 
-        commit_resume(plan)  # only now: a refused or failed setup leaves the run untouched
+    prep = prepare(cfg, str(run_dir), resume=plan is not None, overwrite=args.overwrite)
     print(f"raykd: run directory {prep.run_dir}", file=sys.stderr)
+    # a resume records config changes only once its checkpoint is restored, before any new step:
+    # a refused or failed resume leaves config.yaml untouched
     summary = run_online(cfg, prep, progress=not args.no_progress,
-                         resume=plan.checkpoint if plan is not None else False)
+                         resume=plan.checkpoint if plan is not None else False,
+                         on_resumed=(lambda: commit_resume(plan)) if plan is not None else None)
     print(format_summary(summary))
     if summary.get("interrupted_at"):
         print(f"raykd: stopped at step {summary['steps']}, checkpoint {summary['interrupted_at']}; continue "

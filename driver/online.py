@@ -384,9 +384,11 @@ def _truncate_lines(path: Path, keep: int) -> None:
         f.writelines(lines)
 
 
-def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool | Path = False) -> dict:
+def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool | Path = False,
+               on_resumed=None) -> dict:
     """Run the whole schedule (the name is historical: offline phases run here too). ``resume``: the
-    checkpoint to continue from (checked by ``driver.runs.plan_resume``), or True for the newest intact one."""
+    checkpoint to continue from (checked by ``driver.runs.plan_resume``), or True for the newest intact one;
+    ``on_resumed()`` runs once it is restored, before any step (``driver.runs.commit_resume``)."""
     from driver.evaluate import PeriodicEval
 
     # built before any actor starts, so bad eval data fails fast
@@ -402,6 +404,8 @@ def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool 
                 if ckpt is None:
                     raise RunDirError(f"{prep.run_dir}/checkpoints: no intact checkpoint to resume from")
                 trainer.restore(ckpt, faults=True)
+                if on_resumed is not None:
+                    on_resumed()
             return trainer.run()
         finally:
             actors.shutdown()

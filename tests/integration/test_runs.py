@@ -49,7 +49,7 @@ def test_an_interrupted_run_resumes_with_the_printed_command(tiny_models, tmp_pa
         "sampler": {"max_new_tokens": 6, "prompts_per_request": 4, "engine": {"backend": "hf"}},
         "buffer": {"capacity": 64}, "learner": {"batch_size": 4, "max_steps": 2}, "ray": {"num_cpus": 4}}))
     run = tmp_path / "run"
-    env = dict(os.environ, RAY_ADDRESS="")  # its own cluster
+    env = dict(os.environ, RAY_ADDRESS="local")  # its own cluster, even beside another one
     raykd = [sys.executable, "-m", "driver.cli"]
     proc = subprocess.Popen([*raykd, "train", str(cfg), "--set", "learner.max_steps=8", "--set",
                              "checkpoint.every_steps=2", "--run-dir", str(run), "--no-progress"],
@@ -124,8 +124,11 @@ def test_a_learner_dying_before_the_first_checkpoint_restarts_from_step_0(tiny_m
 
     # a resume that extends the finished run keeps the fault counters (totals over the whole run)
     plan = plan_resume(run, None, ["learner.max_steps=8"], allow_change=True)
-    commit_resume(plan)
-    again = run_online(plan.cfg, prepare(plan.cfg, str(run), resume=True), progress=False, resume=plan.checkpoint)
+    again = run_online(plan.cfg, prepare(plan.cfg, str(run), resume=True), progress=False,
+                       resume=plan.checkpoint, on_resumed=lambda: commit_resume(plan))
+    assert [json.loads(x)["key"] for x in (run / "config_changes.jsonl").read_text().splitlines()] == [
+        "learner.max_steps"]
+    assert consumed_twice(run) == 0  # the extended phase goes on from where its prompts stopped
     assert again["steps"] == 8 and again["learner_restarts"] == 1
     assert steps_logged(run) == list(range(1, 9))
     assert again["buffer"]["size"] <= 16  # drained over capacity before checkpoints, evicted after

@@ -93,6 +93,25 @@ def test_an_allowed_change_is_recorded_and_config_yaml_rewritten(tmp_path):
     assert time.strptime(change["time"][:19], "%Y-%m-%dT%H:%M:%S")
 
 
+def test_a_resume_that_fails_at_start_up_records_nothing(tmp_path, tiny_models, monkeypatch):
+    """The config change and the set-aside wait until the checkpoint is restored (``on_resumed``)."""
+    import driver.online
+
+    run = fake_run(tmp_path, overrides=[*SAVED, f"models.teacher={tiny_models['teacher']}",
+                                        f"models.student={tiny_models['student']}", "data.num_prompts=8"])
+    damage(run / "checkpoints" / "step-000015", "flip a byte")
+    before = snapshot(run)
+
+    def cluster_fails(*args, on_resumed=None, **kwargs):
+        raise RuntimeError("the cluster did not start")
+
+    monkeypatch.setattr(driver.online, "run_online", cluster_fails)
+    with pytest.raises(RuntimeError, match="did not start"):
+        main(["train", "--resume", str(run), "--set", "learner.max_steps=60", "--allow-config-change"])
+    after = snapshot(run)
+    assert after.pop("data_summary.json") and after == before  # config.yaml and checkpoints as they were
+
+
 def test_resume_without_config_uses_the_saved_one(tmp_path):
     run = fake_run(tmp_path)
     plan = plan_resume(run)
