@@ -35,8 +35,8 @@ def test_resume_reaches_the_same_step_count_without_reusing_prompts(tiny_models,
     # a longer schedule is a config change: allowed explicitly, recorded, then the run goes on
     plan = plan_resume(run, None, ["learner.max_steps=6"], allow_change=True)
     assert [c[0] for c in plan.changes] == ["learner.max_steps"]
-    commit_resume(plan)
-    second = run_online(plan.cfg, prepare(plan.cfg, str(run), resume=True), progress=False, resume=plan.checkpoint)
+    second = run_online(plan.cfg, prepare(plan.cfg, str(run), resume=True), progress=False,
+                        resume=plan.checkpoint, on_resumed=lambda: commit_resume(plan))
     assert second["steps"] == 6
     assert second["sampler_versions"] == [second["policy_version"]] == [3]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
