@@ -88,7 +88,8 @@ def test_an_interrupted_run_resumes_with_the_printed_command(tiny_models, tmp_pa
     # and once more: the run is complete, nothing is written
     finished = snapshot(run)
     assert main(printed[1:]) == 0
-    assert capsys.readouterr().err.strip() == f"raykd: {run} is complete (step-000008 is the final step 8); nothing to do"
+    assert capsys.readouterr().err.strip() == (
+        f"raykd: {run} is complete (step-000008 is the final step 8); nothing to do")
     assert snapshot(run) == finished
 
 

@@ -127,7 +127,8 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--resume", "{RUN}", "--run-dir", "{OTHER}"], "--resume RUN_DIR continues that run in place; do not also give --run-dir"),
+    (["--resume", "{RUN}", "--run-dir", "{OTHER}"],
+     "--resume RUN_DIR continues that run in place; do not also give --run-dir"),
     (["--resume", "{RUN}", "--overwrite"], "--overwrite starts a run over; it cannot be combined with --resume"),
     (["--resume", "{NOPE}"], "--resume {NOPE}: no such run directory"),
     (["--resume", "{FILE}"], "--resume {FILE}: is a file, not a run directory"),
