@@ -68,7 +68,9 @@ def start_ray(cfg: Config) -> bool:
     need = requested_resources(cfg)
     # Logical CPUs may exceed physical cores: actors share cores, each capped by its torch threads.
     cpus = cfg.ray.num_cpus or max(int(need["CPU"] + 0.999), os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=cfg.ray.include_dashboard,
+    # address="local": a new cluster of our own, even when another run's cluster is up on this
+    # machine (ray.init would otherwise join that one and refuse num_cpus)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.ray.include_dashboard,
              dashboard_host=cfg.ray.dashboard_host, runtime_env=env, log_to_driver=False,
              configure_logging=False)
     return True

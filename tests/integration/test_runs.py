@@ -49,7 +49,7 @@ def test_an_interrupted_run_resumes_with_the_printed_command(tiny_models, tmp_pa
         "sampler": {"max_new_tokens": 6, "prompts_per_request": 4, "engine": {"backend": "hf"}},
         "buffer": {"capacity": 64}, "learner": {"batch_size": 4, "max_steps": 2}, "ray": {"num_cpus": 4}}))
     run = tmp_path / "run"
-    env = dict(os.environ, RAY_ADDRESS="local")  # its own cluster, even beside another one
+    env = dict(os.environ, RAY_ADDRESS="")  # its own cluster
     raykd = [sys.executable, "-m", "driver.cli"]
     proc = subprocess.Popen([*raykd, "train", str(cfg), "--set", "learner.max_steps=8", "--set",
                              "checkpoint.every_steps=2", "--run-dir", str(run), "--no-progress"],
