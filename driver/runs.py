@@ -56,7 +56,7 @@ def verify_checkpoint(ckpt: Path) -> str | None:
     try:
         entries = json.loads((ckpt / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"{MANIFEST} is missing"
+        return _unlisted_problem(ckpt)
     except (ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
     for e in entries:
@@ -69,6 +69,26 @@ def verify_checkpoint(ckpt: Path) -> str | None:
             return f"{e['path']} does not match its checksum"
     if "driver_state.json" not in {e["path"] for e in entries}:
         return "driver_state.json is missing"
+    return None
+
+
+def _unlisted_problem(ckpt: Path) -> str | None:
+    """A checkpoint without a manifest (written before manifests existed): its parts must at least
+    be there and readable."""
+    import pyarrow.parquet as pq
+
+    try:
+        json.loads((ckpt / "driver_state.json").read_text())["step"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}, and driver_state.json is missing"
+    except (ValueError, KeyError, TypeError):
+        return f"no {MANIFEST}, and driver_state.json is unreadable"
+    try:
+        pq.read_metadata(ckpt / "buffer.parquet")
+    except Exception:  # noqa: BLE001 - missing or not Parquet: either way unusable
+        return f"no {MANIFEST}, and buffer.parquet is missing or unreadable"
+    if not (ckpt / "learner").is_dir() or not any((ckpt / "learner").iterdir()):
+        return f"no {MANIFEST}, and learner/ is missing or empty"
     return None
 
 

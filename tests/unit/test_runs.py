@@ -228,7 +228,7 @@ def damage(ck, how):
     ("delete driver_state", "driver_state.json is missing"),
     ("truncate buffer", "buffer.parquet has 100 bytes, expected 1008"),
     ("flip a byte", "learner/state.pt does not match its checksum"),
-    ("delete manifest", "manifest.json is missing"),
+    ("delete manifest", "no manifest.json, and buffer.parquet is missing or unreadable"),
     ("garble manifest", "manifest.json is unreadable"),
 ])
 def test_a_damaged_checkpoint_is_detected(tmp_path, how, problem):
@@ -238,6 +238,26 @@ def test_a_damaged_checkpoint_is_detected(tmp_path, how, problem):
     damage(ck, how)
     assert verify_checkpoint(ck) == problem
     assert scan_checkpoints(run) == (run / "checkpoints" / "step-000010", [(ck, problem)])
+
+
+@pytest.mark.parametrize("how, problem", [
+    (None, None),  # whole: usable, though nothing can be checksummed
+    ("driver_state", "no manifest.json, and driver_state.json is unreadable"),
+    ("learner", "no manifest.json, and learner/ is missing or empty"),
+])
+def test_a_checkpoint_from_before_manifests(tmp_path, how, problem):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = fake_run(tmp_path, steps=(15,))
+    ck = run / "checkpoints" / "step-000015"
+    (ck / "manifest.json").unlink()
+    pq.write_table(pa.table({"x": [1, 2]}), ck / "buffer.parquet")
+    if how == "driver_state":
+        (ck / "driver_state.json").write_text("{")
+    elif how == "learner":
+        (ck / "learner" / "state.pt").unlink()
+    assert verify_checkpoint(ck) == problem
 
 
 def test_resume_uses_the_newest_intact_checkpoint_and_sets_the_damaged_aside(tmp_path, capsys):
@@ -261,7 +281,8 @@ def test_no_intact_checkpoint_is_one_clear_error(tmp_path, capsys):
     before = snapshot(run)
     code, err = cli(capsys, "--resume", run)
     assert (code, err) == (2, f"raykd: error: --resume {run}: no intact checkpoint under {run}/checkpoints "
-                              "(step-000015: driver_state.json is missing; step-000010: manifest.json is missing)")
+                              "(step-000015: driver_state.json is missing; step-000010: no manifest.json, and "
+                              "buffer.parquet is missing or unreadable)")
     assert snapshot(run) == before
 
 
