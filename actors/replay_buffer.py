@@ -99,6 +99,14 @@ class BufferCore:
         self.versions = self.versions[idx]
         self.uses = self.uses[idx]
 
+    def shrink_to_capacity(self) -> int:
+        """Evict consumed rows (oldest first) while over capacity, as after a drain in overflow mode
+        or a load into a smaller buffer; unconsumed rows stay. Returns the rows evicted."""
+        before = len(self)
+        if before > self.capacity:
+            self._evict_consumed(before - self.capacity)
+        return before - len(self)
+
     def _evict_consumed(self, n: int) -> None:
         consumed = np.flatnonzero(self.uses > 0)[:n]  # oldest first: rows are in insertion order
         mask = np.ones(len(self), dtype=bool)
@@ -131,7 +139,9 @@ class BufferCore:
         online = self.versions[idx] >= 0
         self._lag_sum += int((current_version - self.versions[idx][online]).sum())
         self._lag_n += int(online.sum())
-        return self.table.take(pa.array(idx))
+        batch = self.table.take(pa.array(idx))
+        self.shrink_to_capacity()  # rows held over capacity (after overflow) go once consumed
+        return batch
 
     # -- persistence ----------------------------------------------------------------------------
 
@@ -163,6 +173,7 @@ class BufferCore:
         for k in self._COUNTERS:
             setattr(self, k, meta.get(k, 0))
         self.request_ids = set(meta.get("request_ids", []))
+        self.shrink_to_capacity()
         return self.table.num_rows
 
     def clear(self) -> int:
@@ -257,6 +268,8 @@ class ReplayBuffer:
         where backpressure would otherwise wait forever."""
         async with self.changed:
             self.overflow = on
+            if not on:
+                self.core.shrink_to_capacity()
             self.changed.notify_all()
 
     async def close(self) -> None:
@@ -277,6 +290,15 @@ class ReplayBuffer:
             self.version = 0  # the loader sets the version that goes with these rows
             self.changed.notify_all()
             return n
+
+    async def reset(self) -> None:
+        """Empty, as just created (counters, request ids and version too): the run went back to step 0."""
+        async with self.changed:
+            core = self.core
+            self.core = BufferCore(core.capacity, core.max_policy_lag, core.sampling)
+            self.core.rng = core.rng
+            self.version = 0
+            self.changed.notify_all()
 
     async def clear(self) -> int:
         async with self.changed:

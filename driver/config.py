@@ -475,11 +475,9 @@ def check_paths(cfg: Config) -> Config:
     """The files a config names exist (separate from ``validate`` so a config written for a cluster
     can be checked anywhere)."""
     if cfg.data.source != "synthetic_math" and not cfg.data.source.startswith("hf:"):
-        _check(Path(cfg.data.source).expanduser().is_file(), "data.source", cfg.data.source,
-               "file does not exist")
+        _check_file(cfg.data.source, "data.source")
     if cfg.eval.source != "synthetic_math":
-        _check(Path(cfg.eval.source).expanduser().is_file(), "eval.source", cfg.eval.source,
-               "file does not exist")
+        _check_file(cfg.eval.source, "eval.source")
     for i, ph in enumerate(cfg.schedule):
         if ph.kind == "offline" and ph.data is not None:
             _check((Path(ph.data).expanduser() / "manifest.json").is_file(), f"schedule[{i}].data", ph.data,
@@ -488,6 +486,12 @@ def check_paths(cfg: Config) -> Config:
         _check(Path(cfg.learner.deepspeed_config).is_file(), "learner.deepspeed_config",
                cfg.learner.deepspeed_config, "file does not exist")
     return cfg
+
+
+def _check_file(path: str, key: str) -> None:
+    p = Path(path).expanduser()
+    _check(not p.is_dir(), key, path, "is a directory, not a file")
+    _check(p.is_file(), key, path, "file does not exist")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,16 +528,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file {p} {'is a directory' if p.is_dir() else 'does not exist'}")
+        data = _read_yaml(p)
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])
     cfg = validate(_build(Config, data, ""))
     return check_paths(cfg) if check_files else cfg
+
+
+def _read_yaml(p: Path) -> Any:
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        raise ConfigError(f"{p} is empty; for every default, write `{{}}` in it")
+    return data
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -33,6 +33,7 @@ from driver.monitoring import MetricsLog, ProgressBar
 from driver.prepare import Prepared
 from driver.producers import Drained, OfflineProducer, OnlineProducer, PromptStream
 from driver.recovery import BufferGuard, LearnerDied, answers, first_line, latest_checkpoint
+from driver.runs import RunDirError, intact_checkpoint, phase_position, write_manifest
 
 __all__ = ["Trainer", "run_online", "latest_checkpoint", "PromptStream"]
 
@@ -58,9 +59,10 @@ class Trainer:
         self.progress = progress
         self.step = self.version = self.phase_index = self.phase_step = self.pairs_added = 0
         self.producer_state: dict = {}
+        self.drained_state: dict = {}  # the last real producer's position once drained (see restore)
         self.recovered = {"sampler": 0, "teacher": 0}  # requests re-sent after an actor died
         self.guard = BufferGuard(actors.buffer, self.run_dir, lambda: self.pairs_added)
-        self.learner_restarts = 0
+        self.learner_restarts = self.restarts_before = 0  # before: restarts in earlier sessions (--resume)
         self.prompts_requested = 0  # online prompts taken from the stream (all of them end up consumed)
         self.elapsed_before = 0.0
         self.sync_seconds = 0.0
@@ -86,8 +88,10 @@ class Trainer:
                  "prompts_requested": self.prompts_requested,
                  "producer": producer.state(), "elapsed_s": self._elapsed(),
                  "eval_before": self.eval_before, "eval_teacher": self.eval_teacher,
-                 "metrics_rows": self.step, "consumed_lines": _count_lines(self.consumed)}
+                 "metrics_rows": self.step, "consumed_lines": _count_lines(self.consumed),
+                 "faults": self._faults(), "drained_producer": self.drained_state}
         (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
+        write_manifest(tmp)  # last: a checkpoint whose files all match it is whole
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # a crash before this line leaves the previous checkpoint intact
@@ -105,21 +109,22 @@ class Trainer:
             dead = [f"learner-{i}" for i, a in enumerate(self.actors.learners.learners) if not answers(a)]
             who = ", ".join(dead) or "a learner rank"
             cause = died.cause() if isinstance(died, LearnerDied) else first_line(died)
-            ckpt = latest_checkpoint(self.run_dir)
+            ckpt = intact_checkpoint(self.run_dir)
             self.learner_restarts += 1
-            if self.learner_restarts > self.cfg.learner.max_restarts or ckpt is None:
-                why = ("no checkpoint to restart from (set checkpoint.every_steps)" if ckpt is None else
-                       f"learner.max_restarts={self.cfg.learner.max_restarts} used up")
-                raise RuntimeError(f"{who} died at step {self.step + 1}: {cause}; {why}")
-            print(f"raykd: {who} died ({cause}); restarting the learner group from {ckpt.name} "
-                  f"({self.learner_restarts}/{self.cfg.learner.max_restarts})", file=sys.stderr)
+            if self.learner_restarts - self.restarts_before > self.cfg.learner.max_restarts:
+                raise RuntimeError(f"{who} died at step {self.step + 1}: {cause}; "
+                                   f"learner.max_restarts={self.cfg.learner.max_restarts} used up")
+            where = ckpt.name if ckpt else "the initial weights (no checkpoint yet: back to step 0)"
+            print(f"raykd: {who} died ({cause}); restarting the learner group from {where} "
+                  f"({self.learner_restarts - self.restarts_before}/{self.cfg.learner.max_restarts})",
+                  file=sys.stderr)
             try:
                 self._new_learners_from(ckpt)
                 return
             except ray.exceptions.RayActorError as again:
                 died = again
 
-    def _new_learners_from(self, ckpt: Path) -> None:
+    def _new_learners_from(self, ckpt: Path | None) -> None:
         from driver.cluster import make_learner_group
 
         self.actors.learners.shutdown()
@@ -130,18 +135,26 @@ class Trainer:
         self.sync = WeightSync(self.actors.learners, self.actors.samplers, mode=self.cfg.sync.mode,
                                bucket_mb=self.cfg.sync.bucket_mb)
         elapsed = self._elapsed()
-        self.restore(ckpt, push_always=True)
+        if ckpt is None:
+            self.rewind_to_start()
+        else:
+            self.restore(ckpt, push_always=True)
         self.elapsed_before, self.t0 = elapsed, time.perf_counter()
 
-    def restore(self, ckpt: Path, push_always: bool = False) -> None:
+    def restore(self, ckpt: Path, push_always: bool = False, faults: bool = False) -> None:
+        """Rewind to ``ckpt``; ``faults``: also take its fault counters (a --resume, not a restart)."""
         state = json.loads((ckpt / "driver_state.json").read_text())
         self.actors.learners.load_checkpoint(str(ckpt / "learner"))
         self.guard.call("load", str(ckpt / "buffer.parquet"))
         for key in ("step", "version", "phase_index", "phase_step", "pairs_added", "prompts_requested"):
             setattr(self, key, state[key])
+        self.phase_index, self.phase_step = phase_position(self.phases, self.step, self.phase_index, self.phase_step)
         self.guard.version, self.guard.rows_at_save = self.version, self.pairs_added
-        self.producer_state, self.elapsed_before = state["producer"], state["elapsed_s"]
+        self.producer_state, self.elapsed_before = self._producer_state(state), state["elapsed_s"]
+        self.drained_state = state.get("drained_producer", {})
         self.eval_before, self.eval_teacher = state.get("eval_before", {}), state.get("eval_teacher", {})
+        if faults:
+            self._set_faults(state.get("faults", {}))
         _truncate_lines(self.log.path, state["metrics_rows"])
         _truncate_lines(self.consumed, state["consumed_lines"])
         if self.version > 0 or push_always:  # samplers must run the checkpoint's weights
@@ -149,6 +162,37 @@ class Trainer:
             self.sync.wait()
         self.pushed_step = self.step
         self.guard.call("set_version", self.version)
+
+    def _producer_state(self, state: dict) -> dict:
+        """The saved position of this phase's producer; a finished phase that a config change
+        extended goes on from where its producer stopped (no prompt twice)."""
+        if self.phase_index == state["phase_index"]:
+            return state["producer"]
+        return state.get("drained_producer", {}) if self.phase_index == state["phase_index"] - 1 else {}
+
+    def rewind_to_start(self) -> None:
+        """Back to step 0 with the initial weights (a learner died before the first checkpoint):
+        the same rewind as a restore, to an empty buffer and the start of the prompts."""
+        for key in ("step", "version", "phase_index", "phase_step", "pairs_added", "prompts_requested"):
+            setattr(self, key, 0)
+        self.producer_state = self.drained_state = {}
+        self.guard.call("reset")
+        self.guard.version = self.guard.rows_at_save = 0
+        _truncate_lines(self.log.path, 0)
+        _truncate_lines(self.consumed, 0)
+        self.sync.push(0)  # the samplers run the initial weights again
+        self.sync.wait()
+        self.pushed_step = 0
+
+    def _faults(self) -> dict:
+        return {"buffer_restores": self.guard.restores, "buffer_rows_lost": self.guard.rows_lost,
+                "learner_restarts": self.learner_restarts, "recovered_requests": dict(self.recovered)}
+
+    def _set_faults(self, faults: dict) -> None:
+        self.guard.restores = faults.get("buffer_restores", 0)
+        self.guard.rows_lost = faults.get("buffer_rows_lost", 0)
+        self.learner_restarts = self.restarts_before = faults.get("learner_restarts", 0)
+        self.recovered.update(faults.get("recovered_requests", {}))  # the producers share this dict
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -277,6 +321,8 @@ class Trainer:
             self.guard.set_overflow(False)
         self.prompts_requested += producer.taken
         producer.taken = 0
+        if not isinstance(producer, Drained):
+            self.drained_state = producer.state()
 
     def _train_step(self, producer, phase: PhaseConfig, bar) -> None:
         cfg, actors = self.cfg, self.actors
@@ -384,8 +430,11 @@ def _truncate_lines(path: Path, keep: int) -> None:
         f.writelines(lines)
 
 
-def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool = False) -> dict:
-    """Run the whole schedule (the name is historical: offline phases run here too)."""
+def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool | Path = False,
+               on_resumed=None) -> dict:
+    """Run the whole schedule (the name is historical: offline phases run here too). ``resume``: the
+    checkpoint to continue from (checked by ``driver.runs.plan_resume``), or True for the newest intact one;
+    ``on_resumed()`` runs once it is restored, before any step (``driver.runs.commit_resume``)."""
     from driver.evaluate import PeriodicEval
 
     # built before any actor starts, so bad eval data fails fast
@@ -398,10 +447,12 @@ def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool 
         try:
             trainer = Trainer(cfg, prep, actors, progress, evaluator)
             if resume:
-                ckpt = latest_checkpoint(prep.run_dir)
+                ckpt = resume if isinstance(resume, Path) else intact_checkpoint(prep.run_dir)
                 if ckpt is None:
-                    raise FileNotFoundError(f"{prep.run_dir}/checkpoints: no checkpoint to resume from")
-                trainer.restore(ckpt)
+                    raise RunDirError(f"{prep.run_dir}/checkpoints: no intact checkpoint to resume from")
+                trainer.restore(ckpt, faults=True)
+                if on_resumed is not None:
+                    on_resumed()
             return trainer.run()
         finally:
             actors.shutdown()

@@ -7,7 +7,6 @@ never costs a cluster start.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +31,16 @@ class Prepared:
     tokenizer: object
 
 
-def make_run_dir(cfg: Config, run_dir: str | None) -> Path:
-    if run_dir is None:
-        run_dir = Path(cfg.run.runs_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = Path(run_dir)
+def make_run_dir(cfg: Config, run_dir: str | None, resume: bool = False, overwrite: bool = False) -> Path:
+    """The run's directory, with the resolved config (a resume keeps the saved one: see driver.runs)."""
+    from driver.runs import claim_run_dir, clear_run_dir
+
+    path = Path(run_dir) if run_dir is not None else claim_run_dir(cfg, None)
+    if overwrite:
+        clear_run_dir(path)
     path.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, path / "config.yaml")
+    if not resume:
+        dump_config(cfg, path / "config.yaml")
     return path
 
 
@@ -109,7 +112,9 @@ def build_requests(cfg: Config, tok, records) -> tuple[list[dict], int]:
     return requests, skipped
 
 
-def prepare(cfg: Config, run_dir: str | None = None) -> Prepared:
+def prepare(cfg: Config, run_dir: str | None = None, resume: bool = False, overwrite: bool = False) -> Prepared:
+    """``resume``: the directory holds the run being continued (its config.yaml is left alone);
+    ``overwrite``: clear a run already there (``--overwrite``) once every check has passed."""
     import os
 
     from kd.models import TRUST_REMOTE_CODE_ENV
@@ -123,7 +128,7 @@ def prepare(cfg: Config, run_dir: str | None = None) -> Prepared:
 
     tok = AutoTokenizer.from_pretrained(student, **hf_kwargs())
     requests, skipped = build_requests(cfg, tok, records)
-    path = make_run_dir(cfg, run_dir)
+    path = make_run_dir(cfg, run_dir, resume, overwrite)
     with open(path / "data_summary.json", "w") as f:
         json.dump({"source": cfg.data.source, "rows": len(records), "prompts": len(requests),
                    "skipped_overlong": skipped}, f, indent=1)

@@ -9,9 +9,11 @@ from pathlib import Path
 import ray
 
 from actors.lifecycle import wait_alive
+from driver.runs import intact_checkpoint
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint by name, unverified (``driver.runs.intact_checkpoint`` verifies)."""
     ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
     return ckpts[-1] if ckpts else None
 
@@ -76,7 +78,7 @@ class BufferGuard:
         incarnation = ray.get(self.buffer.ready.remote())
         if incarnation == self.incarnation:
             return  # the same buffer answers: the failure was elsewhere
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = intact_checkpoint(self.run_dir)
         if ckpt is not None:
             ray.get(self.buffer.load.remote(str(ckpt / "buffer.parquet")))
         ray.get(self.buffer.set_version.remote(self.version))

@@ -8,6 +8,7 @@ import pytest
 from driver.config import load_config
 from driver.online import latest_checkpoint, run_online
 from driver.prepare import prepare
+from driver.runs import commit_resume, plan_resume
 
 HF = ["teacher.engine.backend=hf", "sampler.engine.backend=hf"]  # fast engines for tiny models
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
@@ -29,10 +30,13 @@ def test_resume_reaches_the_same_step_count_without_reusing_prompts(tiny_models,
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step-000002", "step-000004"]  # keep_last=2, no temporaries left
     ck = latest_checkpoint(run)
-    assert {"learner", "buffer.parquet", "driver_state.json", "hf"} <= {p.name for p in ck.iterdir()}
+    assert {"learner", "buffer.parquet", "driver_state.json", "hf", "manifest.json"} <= {p.name for p in ck.iterdir()}
 
-    cfg2 = cfg_for(tiny_models, 6)
-    second = run_online(cfg2, prepare(cfg2, str(run)), progress=False, resume=True)
+    # a longer schedule is a config change: allowed explicitly, recorded, then the run goes on
+    plan = plan_resume(run, None, ["learner.max_steps=6"], allow_change=True)
+    assert [c[0] for c in plan.changes] == ["learner.max_steps"]
+    second = run_online(plan.cfg, prepare(plan.cfg, str(run), resume=True), progress=False,
+                        resume=plan.checkpoint, on_resumed=lambda: commit_resume(plan))
     assert second["steps"] == 6
     assert second["sampler_versions"] == [second["policy_version"]] == [3]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -52,39 +56,4 @@ def test_latest_checkpoint_ignores_a_half_written_one(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-000002"
 
 
-def test_sigint_checkpoints_and_resume_finishes(tiny_models, tmp_path):
-    """Ctrl-C on the driver: it finishes the step, checkpoints, shuts down (exit 130); --resume ends the run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import yaml
-
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "models": {"teacher": tiny_models["teacher"], "student": tiny_models["student"]},
-        "data": {"num_prompts": 40}, "teacher": {"max_new_tokens": 6, "top_k_logprobs": 2, "engine": {"backend": "hf"}},
-        "sampler": {"max_new_tokens": 6, "prompts_per_request": 4, "engine": {"backend": "hf"}},
-        "buffer": {"capacity": 64}, "learner": {"batch_size": 4, "max_steps": 12}, "ray": {"num_cpus": 4}}))
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "driver.cli", "train", str(cfg), "--no-progress"]
-    env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.Popen(cmd + ["--run-dir", str(run)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=180)
-    assert proc.returncode == 130, err[-2000:]
-    assert "--resume" in err
-    stopped = len(metrics.read_text().splitlines())
-    assert 2 <= stopped < 12
-    assert latest_checkpoint(run).name == f"step-{stopped:06d}"
-
-    done = subprocess.run(cmd + ["--resume", str(run)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 13))
+# Ctrl-C, the printed resume command and a damaged checkpoint: tests/integration/test_runs.py

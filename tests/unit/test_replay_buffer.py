@@ -136,3 +136,40 @@ def test_a_resent_request_is_added_once_even_after_save_load(tmp_path):
     c = BufferCore(capacity=10, max_policy_lag=5)
     c.load(tmp_path / "b.parquet")
     assert c.add(rows(2), request_id="0:p0,p1") == 0 and c.add(rows(2, start=2), request_id="0:p2,p3") == 2
+
+
+@pytest.mark.parametrize("consumed_mask, expect", [
+    ([1, 1, 1, 1, 1, 1, 0, 0], ["p4", "p5", "p6", "p7"]),  # oldest consumed go: back to 4/4, not 8/4
+    ([1, 1, 0, 0, 0, 0, 0, 0], ["p2", "p3", "p4", "p5", "p6", "p7"]),  # unconsumed rows always stay
+    ([0, 0, 0, 0, 0, 0, 0, 0], ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]),
+    ([0, 1, 0, 1, 0, 1, 0, 1], ["p0", "p2", "p4", "p6"]),
+])
+def test_shrink_to_capacity_evicts_only_consumed_rows(consumed_mask, expect):
+    """Draining producers before a checkpoint adds with force (overflow mode): when overflow ends,
+    consumed rows go (oldest first) down to capacity."""
+    b = BufferCore(capacity=4, max_policy_lag=5)
+    b.add(rows(4))
+    b.add(rows(4, start=4), force=True)
+    b.uses[:] = consumed_mask
+    b.shrink_to_capacity()
+    assert ids(b.table) == expect and len(b.versions) == len(b.uses) == len(expect)
+
+
+def test_rows_over_capacity_are_evicted_as_soon_as_they_are_consumed():
+    b = BufferCore(capacity=4, max_policy_lag=5)
+    b.add(rows(4))
+    b.add(rows(4, start=4), force=True)  # 8/4, all unconsumed
+    assert ids(b.sample(2, 0)) == ["p0", "p1"] and len(b) == 6
+    assert ids(b.sample(4, 0)) == ["p2", "p3", "p4", "p5"] and len(b) == 4
+    assert b.stats()["evicted"] == 4
+
+
+def test_a_saved_buffer_over_capacity_loads_within_capacity(tmp_path):
+    b = BufferCore(capacity=8, max_policy_lag=5)
+    b.add(rows(8))
+    b.sample(6, 0)
+    b.save(tmp_path / "b.parquet")
+    small = BufferCore(capacity=4, max_policy_lag=5)
+    small.load(tmp_path / "b.parquet")
+    assert len(small) == 4 and ids(small.table) == ["p4", "p5", "p6", "p7"]
+    assert small.stats()["evicted"] == 4
