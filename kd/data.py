@@ -34,15 +34,26 @@ class PromptRecord:
 # Built-in synthetic math problems
 # ---------------------------------------------------------------------------------------------
 
-_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jamal", "Kira", "Leo"]
-_ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards"]
+# A varied lexicon, so that a model trained on these problems must copy names and items from the
+# question (what carries over to real word problems) rather than memorise a handful of them.
+_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jamal", "Kira", "Leo",
+          "Maya", "Noah", "Olivia", "Pedro", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Victor", "Wendy", "Xavier",
+          "Yara", "Zane", "Amir", "Bella", "Carlos", "Dana", "Elijah", "Fatima", "George", "Hana", "Ivan",
+          "Julia", "Kenji", "Lena", "Marco", "Nadia"]
+_ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards", "oranges",
+          "cupcakes", "balloons", "crayons", "stamps", "coins", "beads", "flowers", "eggs", "bottles",
+          "candles", "muffins", "tomatoes", "postcards", "batteries", "notebooks", "buttons", "ribbons",
+          "tickets", "pebbles", "seeds", "lemons", "bananas", "toy cars", "comic books", "paper cranes",
+          "baseball cards", "jars of jam", "loaves of bread", "bags of rice", "boxes of tea", "potted plants"]
+_VEHICLES = ["train", "bus", "truck", "car", "boat", "cyclist"]
 
 
 def _problem(rng: random.Random) -> tuple[str, str, int]:
-    """(question, worked solution, numeric answer) from one of several templates."""
+    """(question, worked solution, numeric answer) from one of several templates; the solution's
+    first line ends with the answer."""
     name, friend = rng.sample(_NAMES, 2)
     item = rng.choice(_ITEMS)
-    kind = rng.randrange(6)
+    kind = rng.randrange(10)
     a, b, c = rng.randint(2, 40), rng.randint(2, 12), rng.randint(2, 9)
     if kind == 0:
         q = f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?"
@@ -63,17 +74,36 @@ def _problem(rng: random.Random) -> tuple[str, str, int]:
         ans = c
         sol = f"Each friend gets {total} / {b} = {ans}."
     elif kind == 4:
-        q = (f"{name} earns ${c} per hour and works {b} hours a day for {rng.randint(2, 6)} days. "
-             f"How many dollars does {name} earn?")
-        days = int(q.split(" for ")[1].split(" ")[0])
+        days = rng.randint(2, 6)
+        q = f"{name} earns ${c} per hour and works {b} hours a day for {days} days. How many dollars does {name} earn?"
         ans = c * b * days
         sol = f"Per day {name} earns {c} * {b} = {c * b}, so in {days} days {c * b} * {days} = {ans}."
-    else:
-        q = (f"A box holds {c} {item}. {name} fills {b} boxes and then gives {friend} {a % (b * c) + 1} "
-             f"{item}. How many {item} does {name} have left?")
+    elif kind == 5:
         given = a % (b * c) + 1
+        q = (f"A box holds {c} {item}. {name} fills {b} boxes and then gives {friend} {given} "
+             f"{item}. How many {item} does {name} have left?")
         ans = b * c - given
         sol = f"{name} has {b} * {c} = {b * c}, then {b * c} - {given} = {ans}."
+    elif kind == 6:
+        q = f"{name} has {a} {item}. {friend} has {c} times as many. How many {item} do they have together?"
+        ans = a + a * c
+        sol = f"{friend} has {a} * {c} = {a * c}, so together {a} + {a * c} = {ans}."
+    elif kind == 7:
+        cost = b * c
+        paid = (cost // 10 + 1) * 10
+        q = f"{name} buys {b} {item} at ${c} each and pays with ${paid}. How much change does {name} get?"
+        ans = paid - cost
+        sol = f"The {item} cost {b} * {c} = {cost}, so the change is {paid} - {cost} = {ans}."
+    elif kind == 8:
+        vehicle, speed = rng.choice(_VEHICLES), c * 10
+        q = f"A {vehicle} travels at {speed} miles per hour for {b} hours. How many miles does it travel?"
+        ans = speed * b
+        sol = f"It travels {speed} * {b} = {ans}."
+    else:
+        q = (f"{name} had {2 * a} {item}, gave half of them to {friend}, and then found {b} more. "
+             f"How many {item} does {name} have now?")
+        ans = a + b
+        sol = f"Half of {2 * a} is {2 * a} / 2 = {a}, then {a} + {b} = {ans}."
     return q, sol, ans
 
 
