@@ -247,6 +247,18 @@ COLUMNS = [("synth_exact_match", "synth EM"), ("synth_rouge_l", "synth Rouge-L")
            ("wall_s", "wall s"), ("teacher_tokens", "teacher tokens")]
 
 
+SETTING = (
+    "Setting: teacher SmolLM2-135M-Instruct; student its 5-layer truncation (layers 0, 7, 14, 21, 29; "
+    "about 46M parameters); training prompts from the built-in synthetic math generator. Every method: "
+    "the same samples (steps x batch), learning rate 3e-4 with 4 warm-up steps, AdamW, each loss with its "
+    "method defaults (docs/losses.md; DPKD beta 0.1 with 0.5 CE on y_t). Offline methods cycle over one "
+    "teacher dataset per seed (256 answers of at most 64 tokens), whose generation is charged to each "
+    "of them; dpkd_token runs on those offline rows. Held out: synthetic problems of another generator "
+    "seed ('synth') and the last questions of the GSM8K training file ('GSM8K'), neither trained on; "
+    "greedy answers of at most 128 tokens; KL teacher-forced on the held-out reference solutions, full "
+    "vocabulary, nats/token. 'initial' is the truncated student before any training.")
+
+
 def summarize(results: list[dict]) -> dict[str, dict]:
     """Per method: each column's (mean, sample std, n) over its seeds, in the grid's order."""
     from kd.metrics import mean_std
@@ -281,6 +293,7 @@ def write_report(results: list[dict], teacher: dict, args, out: Path) -> None:
              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
              f"Ran {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores; {args.steps} steps x batch "
              f"{8 if not args.tiny else 4} per method; seeds {args.seeds}. Mean ± sample std over seeds.", "",
+             SETTING, "",
              "| method | seeds | " + " | ".join(h for _, h in shown) + " |",
              "|---|---|" + "---|" * len(shown)]
     digits = {"wall_s": 0, "teacher_tokens": 0}
