@@ -42,6 +42,7 @@ SUBCOMMAND_MODULES = ("driver.offline", "driver.evaluate", "driver.report")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raykd", description="Distributed knowledge distillation on Ray")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an input error")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run a distillation job from a YAML config")
     t.add_argument("config")
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    for command in sub.choices.values():  # also accepted after the subcommand: `raykd train --debug`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an input error")
     return p
 
 
@@ -73,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserInputError as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"raykd: error: {e}", file=sys.stderr)
         return 2
 

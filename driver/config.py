@@ -420,9 +420,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def check_paths(cfg: Config) -> Config:
+def check_paths(cfg: Config, datasets: bool = True) -> Config:
     """The files a config names exist (separate from ``validate`` so a config written for a cluster
-    can be checked anywhere)."""
+    can be checked anywhere). ``datasets=False`` for ``raykd generate``, which writes them."""
     if cfg.data.source != "synthetic_math" and not cfg.data.source.startswith("hf:"):
         _check(Path(cfg.data.source).expanduser().is_file(), "data.source", cfg.data.source,
                "file does not exist")
@@ -430,7 +430,7 @@ def check_paths(cfg: Config) -> Config:
         _check(Path(cfg.eval.source).expanduser().is_file(), "eval.source", cfg.eval.source,
                "file does not exist")
     for i, ph in enumerate(cfg.schedule):
-        if ph.kind == "offline":
+        if ph.kind == "offline" and datasets:
             _check((Path(ph.data).expanduser() / "manifest.json").is_file(), f"schedule[{i}].data", ph.data,
                    "must be a dataset directory written by `raykd generate`")
     if cfg.learner.deepspeed_config is not None:
