@@ -213,7 +213,7 @@ class Trainer:
         summary = {
             "steps": self.step, "policy_version": self.version, "wall_s": self._elapsed(),
             "interrupted_at": interrupted_at, "recovered_requests": dict(self.recovered),
-            "prompts_requested": self.prompts_requested,
+            "prompts_requested": self.prompts_requested, "skipped_overlong": self.prep.skipped_overlong,
             "buffer_restores": self.guard.restores, "buffer_rows_lost": self.guard.rows_lost,
             "learner_restarts": self.learner_restarts,
             "pairs_added": self.pairs_added, "buffer": stats,

@@ -5,8 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -86,7 +84,7 @@ def _copy_without_weights(src, dst):
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, tiny):
+def paths(tmp_path_factory, tiny, write_dataset):
     """Broken model directories and offline datasets, by placeholder name."""
     root = tmp_path_factory.mktemp("bad")
     src = Path(tiny)
@@ -110,23 +108,6 @@ def paths(tmp_path_factory, tiny):
                                                           "tokenizer_fingerprint": fp, "vocab_size": 640})
     out["ds_old"] = write_dataset(root / "ds_old", None, token_id=600)
     return out
-
-
-def write_dataset(path, stamp, token_id=5):
-    """A one-row offline dataset as `raykd generate` writes it; ``stamp=None``: an older manifest."""
-    from driver.offline import MANIFEST, shard_name
-    from kd.data import BUFFER_SCHEMA
-
-    path.mkdir()
-    manifest = {"identity": {}, **({"teacher_model": stamp} if stamp else {})}
-    (path / MANIFEST).write_text(json.dumps(manifest))
-    row = {"prompt_id": "p0", "prompt_ids": [1, 2], "teacher_prompt_ids": [1, 2], "chosen_ids": [token_id, 3],
-           "rejected_ids": [], "chosen_teacher_logps": [-1.0, -1.0], "rejected_teacher_logps": [],
-           "chosen_topk_ids": [[token_id], [3]], "chosen_topk_logps": [[-1.0], [-1.0]],
-           "rejected_topk_ids": [], "rejected_topk_logps": [], "rejected_behaviour_logps": [],
-           "policy_version": -1, "priming": "none", "created_at": 0.0, "reference_answer": None}
-    pq.write_table(pa.Table.from_pylist([row], schema=BUFFER_SCHEMA), path / shard_name(0))
-    return str(path)
 
 
 def offline(ds: str, loss: str) -> list:
