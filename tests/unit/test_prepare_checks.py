@@ -75,3 +75,13 @@ def test_unstamped_dataset_warns_and_passes_when_its_ids_fit(tmp_path, capsys, w
     check_dataset_teacher(ds, "schedule[0]", "fkl", tiny_tokenizer(), 491)
     assert capsys.readouterr().err.startswith(f"raykd: warning: schedule[0].data={ds}: manifest.json has no "
                                               "teacher stamp")
+
+
+def test_resuming_a_dataset_with_another_teacher_behind_the_same_spec_is_refused(tmp_path):
+    from driver.offline import MANIFEST, DatasetError, _check_manifest
+
+    stamp = {"spec": "t", "path": "/m/t", "tokenizer_fingerprint": "aaaa", "vocab_size": 491}
+    (tmp_path / MANIFEST).write_text(json.dumps({"identity": {"teacher": "t"}, "teacher_model": stamp}))
+    _check_manifest(tmp_path, {"teacher": "t"}, stamp)  # same teacher: resumes
+    with pytest.raises(DatasetError, match=r"vocab_size: 491 -> 640"):
+        _check_manifest(tmp_path, {"teacher": "t"}, {**stamp, "vocab_size": 640})
