@@ -6,6 +6,13 @@ Prints kills survived, prompts lost (taken from the stream but never in the buff
 since the last checkpoint), learner restarts, and wall time as a ratio to the run without kills.
 
     python benchmarks/chaos.py [--steps 60] [--every 4] [--seed 0]
+
+``--node-loss ROLE`` instead: a 3-node local cluster (``ray.cluster_utils.Cluster``; custom resources
+spread teachers, sampler and learner over the nodes), and the node holding ROLE's actor is removed once
+training runs. The run either completes (what it lost is printed) or stops with the one-line message
+naming what the remaining nodes cannot hold.
+
+    python benchmarks/chaos.py --node-loss teacher|sampler|learner [--steps 30]
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import ray
 VICTIMS = ("teacher-0", "teacher-1", "sampler-0", "replay-buffer", "learner-0")
 
 
-def make_config(models: dict, steps: int, run_dir: Path):
+def make_config(models: dict, steps: int, run_dir: Path, extra: list[str] = ()):
     from driver.config import load_config
 
     return load_config(None, [
@@ -34,7 +41,7 @@ def make_config(models: dict, steps: int, run_dir: Path):
         "teacher.engine.backend=hf", "sampler.engine.backend=hf", "buffer.capacity=128",
         "learner.batch_size=4", "learner.lr=1e-3", "sync.every_steps=2", f"learner.max_steps={steps}",
         "checkpoint.every_steps=4", "checkpoint.export_hf=false", "learner.max_restarts=100",
-        f"run.runs_dir={run_dir}", "ray.num_cpus=8"])
+        f"run.runs_dir={run_dir}", "ray.num_cpus=8", *extra])
 
 
 def run_once(cfg, run_dir: Path, every: float | None, rng: random.Random) -> dict:
@@ -76,11 +83,58 @@ def run_once(cfg, run_dir: Path, every: float | None, rng: random.Random) -> dic
             "recovered_requests": summary["recovered_requests"], "buffer_restores": summary["buffer_restores"]}
 
 
+# Node resources: teacher-0 on `a` or `c`, teacher-1 on the other, sampler on `a`, learner on `b`; none of
+# them fits anywhere else once its node is gone (the `t` slots left are held by the other teacher).
+NODES = {"a": {"t": 1, "s": 1}, "b": {"l": 1}, "c": {"t": 1}}
+
+
+def node_loss(models: dict, role: str, steps: int, root: Path) -> None:
+    from ray.cluster_utils import Cluster
+
+    from kd.errors import UserInputError
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    nodes = {k: cluster.add_node(num_cpus=3, resources=v) for k, v in NODES.items()}
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    cfg = make_config(models, steps, root, ["teacher.engine.resources={t: 1}", "sampler.engine.resources={s: 1}",
+                                            "learner.resources={l: 1}", "ray.num_cpus=null"])
+    run_dir = root / f"node-loss-{role}"
+    removed: list[str] = []
+
+    def remove_node():
+        from ray._private.state import actors
+
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+            time.sleep(0.2)
+        where = {x["Name"]: x["Address"]["NodeID"] for x in actors().values() if x["State"] == "ALIVE"}
+        victim = f"{role}-0" if role != "teacher" else next(f"teacher-{i}" for i in (0, 1)
+                                                           if where.get(f"teacher-{i}") != nodes["a"].node_id)
+        key = next(k for k, n in nodes.items() if n.node_id == where[victim])
+        cluster.remove_node(nodes[key])
+        removed.append(f"node {key} (with {victim}) after step {len(metrics.read_text().splitlines())}")
+
+    threading.Thread(target=remove_node, daemon=True).start()
+    t = time.perf_counter()
+    try:
+        result = run_once(cfg, run_dir, None, random.Random(0))
+        outcome = f"completed {result['steps']} steps"
+    except UserInputError as e:
+        result, outcome = None, f"stopped: raykd: error: {e}"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(f"\nremoved {', '.join(removed) or 'nothing'}; {outcome} ({time.perf_counter() - t:.0f} s)")
+    if result:
+        print({k: result[k] for k in ("prompts_lost", "duplicates", "buffer_rows_lost", "recovered_requests")})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=float, default=4.0, help="seconds between kills")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--node-loss", choices=("teacher", "sampler", "learner"), default=None)
     args = ap.parse_args()
 
     from kd.models import make_tiny_model
@@ -88,6 +142,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="raykd-chaos-"))
     models = {"teacher": str(make_tiny_model(root / "teacher", 4, 0)),
               "student": str(make_tiny_model(root / "student", 2, 1))}
+    if args.node_loss:
+        node_loss(models, args.node_loss, args.steps, root)
+        return
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         # warm-up (unmeasured): the first run in a cluster also pays for starting worker processes

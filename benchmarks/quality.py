@@ -117,7 +117,7 @@ def reference_dataset(cfg, prep, seed: int, work: Path) -> Path:
     the solution text; no teacher log-probs, which SFT does not read)."""
     import pyarrow as pa
 
-    from driver.offline import MANIFEST, _write_shard, shard_name
+    from driver.offline import MANIFEST, _write_shard, shard_name, teacher_stamp
     from kd.data import BUFFER_SCHEMA, synthetic_math
 
     out = work / f"reference-data-s{seed}"
@@ -134,7 +134,8 @@ def reference_dataset(cfg, prep, seed: int, work: Path) -> Path:
                      "priming": "none", "created_at": 0.0, "reference_answer": r["reference_answer"]})
     out.mkdir(parents=True, exist_ok=True)
     _write_shard(out / shard_name(0), [pa.Table.from_pylist(rows, schema=BUFFER_SCHEMA)])
-    (out / MANIFEST).write_text(json.dumps({"identity": {"teacher": "reference solutions"}}))
+    stamp = teacher_stamp("reference solutions", prep.student_path, tok)  # the tokenizer that wrote the ids
+    (out / MANIFEST).write_text(json.dumps({"identity": {"teacher": "reference solutions"}, "teacher_model": stamp}))
     return out
 
 

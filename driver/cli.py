@@ -64,6 +64,7 @@ SUBCOMMAND_MODULES = ("driver.offline", "driver.evaluate", "driver.report")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raykd", description="Distributed knowledge distillation on Ray")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an input error")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run a distillation job from a YAML config")
     t.add_argument("config", nargs="?", help="YAML config (optional with --resume: the run's saved config)")
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    for command in sub.choices.values():  # also accepted after the subcommand: `raykd train --debug`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an input error")
     return p
 
 
@@ -98,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserInputError as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"raykd: error: {e}", file=sys.stderr)
         return 2
 

@@ -195,6 +195,7 @@ def make_learner_group(cfg: Config, student_path: str, name_prefix: str = "learn
 def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActors:
     from actors.replay_buffer import ReplayBuffer
     from actors.student_sampler import StudentSampler
+    from actors.lifecycle import register_run
     from actors.teacher_pool import TeacherPool
 
     b, t, s = cfg.buffer, cfg.teacher, cfg.sampler
@@ -221,6 +222,10 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
         for i in range(s.num_replicas)
     ]
     learners = make_learner_group(cfg, student_path)
+    # a lost node then fails fast in wait_alive, naming the actor that cannot come back
+    register_run({**{f"teacher-{i}": w for i, w in enumerate(teachers.workers)},
+                  **{f"sampler-{i}": x for i, x in enumerate(samplers)}},
+                 lambda nodes: placement_problems(actor_demands(cfg), nodes))
     ray.get([buffer.ready.remote(), *teachers.ready_refs(), *[x.ready.remote() for x in samplers],
              *learners.ready_refs()])
     return RunActors(buffer, teachers, samplers, learners)

@@ -471,15 +471,15 @@ def _check_loss(loss: LossConfig, where: str) -> LossConfig:
     return loss
 
 
-def check_paths(cfg: Config) -> Config:
+def check_paths(cfg: Config, datasets: bool = True) -> Config:
     """The files a config names exist (separate from ``validate`` so a config written for a cluster
-    can be checked anywhere)."""
+    can be checked anywhere). ``datasets=False`` for ``raykd generate``, which writes them."""
     if cfg.data.source != "synthetic_math" and not cfg.data.source.startswith("hf:"):
         _check_file(cfg.data.source, "data.source")
     if cfg.eval.source != "synthetic_math":
         _check_file(cfg.eval.source, "eval.source")
     for i, ph in enumerate(cfg.schedule):
-        if ph.kind == "offline" and ph.data is not None:
+        if ph.kind == "offline" and datasets and ph.data is not None:
             _check((Path(ph.data).expanduser() / "manifest.json").is_file(), f"schedule[{i}].data", ph.data,
                    "must be a dataset directory written by `raykd generate`")
     if cfg.learner.deepspeed_config is not None:

@@ -222,7 +222,15 @@ def teacher_student_kl(teacher_path: str, student_path: str, prompts: list[list[
 
 
 def resolve_model_arg(arg: str) -> tuple[Path, Path | None]:
-    """(HF model dir, run dir or None) for ``--model``: a model directory, or a run directory."""
+    """(HF model dir, run dir or None) for ``--model``: a model directory, or a run directory; its
+    weights present and complete (``kd.models.check_weights``)."""
+    from kd.models import check_weights
+
+    model, run = _model_and_run(arg)
+    return check_weights(model), run
+
+
+def _model_and_run(arg: str) -> tuple[Path, Path | None]:
     p = Path(arg).expanduser()
     if not p.exists():
         raise EvalError(f"--model {arg}: does not exist")

@@ -168,6 +168,8 @@ def format_summary(summary: dict) -> str:
         if wall:
             pairs += f" ({summary['pairs_added'] / wall:.3g}/s)"
         lines.append(pairs)
+    if summary.get("skipped_overlong") is not None:
+        lines.append(f"skipped      {summary['skipped_overlong']} over-long prompts (data.on_overlong=skip)")
     buf = summary.get("buffer") or {}
     if buf:
         size = f"{buf.get('size', '-')}/{buf['capacity']}" if buf.get("capacity") else str(buf.get("size", "-"))

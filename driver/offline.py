@@ -45,11 +45,26 @@ def _identity(cfg, num_requests: int, shard_size: int) -> dict:
     }
 
 
-def _check_manifest(out: Path, identity: dict) -> None:
+def teacher_stamp(spec: str, path: str, tok) -> dict:
+    """Who wrote a dataset, as far as a student cares: its tokenizer and embedding size."""
+    from kd.vocab import model_vocab_size, tokenizer_fingerprint
+
+    return {"spec": spec, "path": path, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+            "vocab_size": model_vocab_size(path)}
+
+
+def _stamp_keys(stamp: dict) -> dict:
+    return {"tokenizer_fingerprint": stamp.get("tokenizer_fingerprint"), "vocab_size": stamp.get("vocab_size")}
+
+
+def _check_manifest(out: Path, identity: dict, stamp: dict) -> None:
     path = out / MANIFEST
     if not path.exists():
         return
-    old = json.loads(path.read_text()).get("identity", {})
+    data = json.loads(path.read_text())
+    old = data.get("identity", {})
+    if data.get("teacher_model"):  # the same spec may now be another model: its shards would mix
+        old, identity = {**old, **_stamp_keys(data["teacher_model"])}, {**identity, **_stamp_keys(stamp)}
     diff = sorted(k for k in identity.keys() | old.keys() if identity.get(k) != old.get(k))
     if diff:
         raise DatasetError(f"{path}: the existing dataset was generated with other settings "
@@ -65,7 +80,8 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
     from actors.engines import resolve_backend
     from actors.teacher_pool import TeacherPool
     from driver.cluster import actor_options, check_resources, engine_opts, start_ray
-    from driver.prepare import build_requests
+    from driver.prepare import build_requests, report_skipped
+    from kd.vocab import check_embedding_covers_tokenizer
     from kd.data import load_prompts
     from kd.models import resolve_model
 
@@ -75,8 +91,12 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
                            cfg.data.num_prompts, cfg.run.seed)
     cache = Path(cfg.models.cache_dir).expanduser() if cfg.models.cache_dir else None
     teacher_path = str(resolve_model(cfg.models.teacher, cache))
-    requests, skipped = build_requests(cfg, AutoTokenizer.from_pretrained(teacher_path, **hf_kwargs()), records)
-    _check_manifest(Path(out_dir), _identity(cfg, len(requests), shard_size))  # before Ray starts
+    tok = AutoTokenizer.from_pretrained(teacher_path, **hf_kwargs())
+    check_embedding_covers_tokenizer(teacher_path, tok)
+    requests, skipped = build_requests(cfg, tok, records)
+    report_skipped(cfg, skipped, len(records))
+    stamp = teacher_stamp(cfg.models.teacher, teacher_path, tok)
+    _check_manifest(Path(out_dir), _identity(cfg, len(requests), shard_size), stamp)  # before Ray starts
     started = start_ray(cfg)
     t = cfg.teacher
     try:
@@ -88,7 +108,7 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
             sampling={"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p},
             top_k=t.top_k_logprobs, score_with=cfg.priming.score_with)
         ray.get(pool.ready_refs())
-        summary = generate_with(pool, cfg, requests, skipped, out_dir, shard_size, progress)
+        summary = generate_with(pool, cfg, requests, skipped, out_dir, stamp, shard_size, progress)
         for w in pool.workers:
             ray.kill(w)
     finally:
@@ -97,8 +117,8 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
     return summary
 
 
-def generate_with(pool, cfg, requests: list[dict], skipped: int, out_dir: str | Path, shard_size: int = 64,
-                  progress: bool = True) -> dict:
+def generate_with(pool, cfg, requests: list[dict], skipped: int, out_dir: str | Path, stamp: dict,
+                  shard_size: int = 64, progress: bool = True) -> dict:
     """Write the teacher rows of ``requests`` with a running ``pool`` into ``out_dir``: the shared core
     of ``raykd generate`` and of an offline phase whose dataset the run generates itself. Finished
     shards are kept (a re-run resumes); a directory made with other settings is refused."""
@@ -108,8 +128,9 @@ def generate_with(pool, cfg, requests: list[dict], skipped: int, out_dir: str | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = _identity(cfg, len(requests), shard_size)
-    _check_manifest(out, identity)
-    (out / MANIFEST).write_text(json.dumps({"identity": identity, "skipped_overlong": skipped}, indent=1))
+    _check_manifest(out, identity, stamp)
+    (out / MANIFEST).write_text(json.dumps({"identity": identity, "teacher_model": stamp,
+                                            "skipped_overlong": skipped}, indent=1))
     shards = [requests[i : i + shard_size] for i in range(0, len(requests), shard_size)]
     todo = [i for i in range(len(shards)) if not (out / shard_name(i)).exists()]
     done_rows = sum(len(shards[i]) for i in range(len(shards)) if i not in todo)
@@ -167,6 +188,48 @@ def read_dataset(path: str | Path) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def check_dataset_teacher(data: str, where: str, loss: str, tok, vocab_size: int | None) -> None:
+    """Before any actor starts: the dataset's teacher shares this run's student's tokenizer (and, for
+    a token-level loss, its vocab_size). A mismatch otherwise fails as an IndexError in the learner."""
+    from kd.vocab import TOKEN_LEVEL_LOSSES, tokenizer_fingerprint
+
+    stamp = json.loads((Path(data).expanduser() / MANIFEST).read_text()).get("teacher_model")
+    if not stamp:
+        _check_unstamped(data, where, vocab_size)
+        return
+    fp = tokenizer_fingerprint(tok)
+    wrote = f"teacher {stamp.get('path')} (tokenizer {stamp.get('tokenizer_fingerprint')}, vocab_size {stamp.get('vocab_size')})"
+    if stamp.get("tokenizer_fingerprint") != fp:
+        raise DatasetError(f"{where}.data={data}: generated with {wrote}, but this run's student has tokenizer "
+                           f"{fp}, vocab_size {vocab_size}; regenerate it with raykd generate and this run's models")
+    if loss in TOKEN_LEVEL_LOSSES and vocab_size is not None and stamp.get("vocab_size") != vocab_size:
+        raise DatasetError(f"{where}.data={data}: generated with {wrote}, but this run's student has vocab_size "
+                           f"{vocab_size}; {where}.loss.type={loss} compares distributions over the vocabulary "
+                           "and needs equal sizes (use sft, or regenerate with a teacher of equal vocab_size)")
+
+
+def _check_unstamped(data: str, where: str, vocab_size: int | None) -> None:
+    """Datasets written before the teacher stamp: a warning, and the one check their shards allow,
+    every token id inside the student's embedding (what the learner would index)."""
+    import pyarrow.compute as pc
+
+    print(f"raykd: warning: {where}.data={data}: manifest.json has no teacher stamp (written by an older "
+          "raykd), so only its token ids are checked against the student; regenerate it to have its "
+          "tokenizer checked", file=sys.stderr)
+    if vocab_size is None:
+        return
+    table = read_dataset(data)
+    for name in ("prompt_ids", "chosen_ids", "chosen_topk_ids"):
+        col = table.column(name)
+        while pa.types.is_list(col.type):
+            col = pc.list_flatten(col)
+        top = pc.max(col).as_py()
+        if top is not None and top >= vocab_size:
+            raise DatasetError(f"{where}.data={data}: {name} holds token id {top}, past this run's student's "
+                               f"vocab_size {vocab_size}: it was generated with another tokenizer; regenerate "
+                               "it with raykd generate and this run's models")
+
+
 def dataset_fingerprint(path: str | Path) -> str:
     h = hashlib.sha256()
     for f in sorted(Path(path).glob("shard-*.parquet")):
@@ -175,9 +238,10 @@ def dataset_fingerprint(path: str | Path) -> str:
 
 
 def _generate_cmd(args) -> int:
-    from driver.config import load_config
+    from driver.config import check_paths, load_config
 
-    cfg = load_config(args.config, args.set)
+    # the schedule's offline datasets are what this command writes: they need not exist yet
+    cfg = check_paths(load_config(args.config, args.set, check_files=False), datasets=False)
     summary = generate_dataset(cfg, args.out, args.shard_size, progress=not args.no_progress)
     print(json.dumps(summary, indent=1))
     return 0

@@ -225,12 +225,13 @@ class Trainer:
     def _generate_teacher_data(self) -> None:
         """The offline phases without ``data`` train on this run's teacher's responses to its prompts,
         generated first by the run's own teacher pool (resumable: finished shards are kept)."""
-        from driver.offline import generate_with
+        from driver.offline import generate_with, teacher_stamp
 
         if any(p.kind == "offline" and p.data is None for p in self.phases[self.phase_index:]):
             print(f"raykd: generating the offline phase's teacher data into {self.teacher_data}", file=sys.stderr)
+            stamp = teacher_stamp(self.cfg.models.teacher, self.prep.teacher_path, self.prep.tokenizer)
             generate_with(self.actors.teachers, self.cfg, self.prep.requests, self.prep.skipped_overlong,
-                          self.teacher_data, progress=self.progress)
+                          self.teacher_data, stamp, progress=self.progress)
 
     def _evaluate(self, actor) -> dict:
         """Held-out scores of ``actor``'s current weights (a sampler, or a teacher replica)."""
@@ -294,7 +295,7 @@ class Trainer:
         summary = {
             "steps": self.step, "policy_version": self.version, "wall_s": self._elapsed(),
             "interrupted_at": interrupted_at, "recovered_requests": dict(self.recovered),
-            "prompts_requested": self.prompts_requested,
+            "prompts_requested": self.prompts_requested, "skipped_overlong": self.prep.skipped_overlong,
             "buffer_restores": self.guard.restores, "buffer_rows_lost": self.guard.rows_lost,
             "learner_restarts": self.learner_restarts,
             "pairs_added": self.pairs_added, "buffer": stats,

@@ -7,14 +7,18 @@ never costs a cluster start.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from driver.config import Config, dump_config
 from kd.data import load_prompts
 from kd.errors import UserInputError
-from kd.models import hf_kwargs, resolve_model, truncate_layers
+from kd.models import check_weights, hf_kwargs, resolve_model, truncate_layers, truncated_student_dir
 from kd.priming import prime
+from kd.vocab import (check_embedding_covers_tokenizer, check_vocab_sizes, model_vocab_size,
+                      tokenizer_fingerprint)
 
 
 class SetupError(UserInputError):
@@ -51,21 +55,27 @@ def prepare_models(cfg: Config) -> tuple[str, str]:
         student = resolve_model(cfg.models.student, cache)
     else:
         keep = cfg.models.student_keep_layers
-        tag = "-".join(map(str, keep))
-        student = truncate_layers(teacher, keep, teacher.parent / f"{teacher.name}-keep{tag}")
+        student = check_weights(truncate_layers(teacher, keep, truncated_student_dir(teacher, keep, cache)))
     check_same_tokenizer(teacher, student)
+    check_vocab_sizes(f"models.teacher ({teacher})", model_vocab_size(teacher),
+                      f"models.student ({student})", model_vocab_size(student), cfg)
     return str(teacher), str(student)
 
 
-def check_same_tokenizer(teacher: Path, student: Path) -> None:
-    """DPKD scores the student's text under the teacher and vice versa: one vocabulary for both."""
+def check_same_tokenizer(teacher: Path, student: Path):
+    """DPKD scores the student's text under the teacher and vice versa: one vocabulary for both, and
+    each model's embedding covers it. Returns the student's tokenizer."""
     from transformers import AutoTokenizer
 
     a, b = AutoTokenizer.from_pretrained(teacher, **hf_kwargs()), AutoTokenizer.from_pretrained(student, **hf_kwargs())
     probe = "Ava has 12 apples; she buys 7 more. #### 19"
-    if len(a) != len(b) or a.encode(probe) != b.encode(probe):
+    if (len(a) != len(b) or a.encode(probe) != b.encode(probe)
+            or tokenizer_fingerprint(a) != tokenizer_fingerprint(b)):
         raise SetupError(f"models.teacher ({teacher}) and models.student ({student}) use different "
                          f"tokenizers (vocab {len(a)} vs {len(b)}); raykd needs a shared vocabulary")
+    check_embedding_covers_tokenizer(teacher, a)
+    check_embedding_covers_tokenizer(student, b)
+    return b
 
 
 def check_context(cfg: Config, *model_dirs: str) -> None:
@@ -112,6 +122,22 @@ def build_requests(cfg: Config, tok, records) -> tuple[list[dict], int]:
     return requests, skipped
 
 
+def report_skipped(cfg: Config, skipped: int, total: int) -> None:
+    """Said on screen at start: a silently smaller dataset looks like a bug later."""
+    if skipped:
+        print(f"raykd: skipped {skipped} of {total} prompts longer than data.max_prompt_tokens="
+              f"{cfg.data.max_prompt_tokens} (data.on_overlong={cfg.data.on_overlong})", file=sys.stderr)
+
+
+def check_offline_data(cfg: Config, tok, student: str) -> None:
+    """Every offline phase's dataset was written by a teacher whose vocabulary fits this student."""
+    from driver.offline import check_dataset_teacher
+
+    for i, ph in enumerate(cfg.phases()):
+        if ph.kind == "offline" and ph.data is not None:  # none: the run generates it, with its own teacher
+            check_dataset_teacher(ph.data, f"schedule[{i}]", ph.loss.type, tok, model_vocab_size(student))
+
+
 def prepare(cfg: Config, run_dir: str | None = None, resume: bool = False, overwrite: bool = False) -> Prepared:
     """``resume``: the directory holds the run being continued (its config.yaml is left alone);
     ``overwrite``: clear a run already there (``--overwrite``) once every check has passed."""
@@ -127,7 +153,9 @@ def prepare(cfg: Config, run_dir: str | None = None, resume: bool = False, overw
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(student, **hf_kwargs())
+    check_offline_data(cfg, tok, student)
     requests, skipped = build_requests(cfg, tok, records)
+    report_skipped(cfg, skipped, len(records))
     path = make_run_dir(cfg, run_dir, resume, overwrite)
     with open(path / "data_summary.json", "w") as f:
         json.dump({"source": cfg.data.source, "rows": len(records), "prompts": len(requests),

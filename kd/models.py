@@ -13,6 +13,7 @@ Model specs accepted by ``resolve_model``:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -123,6 +124,21 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+def truncated_student_dir(teacher: Path, keep: list[int], cache_dir: Path | None = None) -> Path:
+    """Where the student cut from ``teacher`` lives: under the raykd cache (never next to the teacher,
+    which may be read-only or shared), keyed by the teacher's absolute path and the sizes and mtimes
+    of its config and weight files, so two teachers never share a student and a changed teacher gets
+    a fresh one."""
+    teacher = Path(teacher).resolve()
+    files = [teacher / "config.json", *sorted(p for p in teacher.iterdir() if p.suffix in (".safetensors", ".bin"))]
+    h = hashlib.sha256(str(teacher).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    tag = "-".join(map(str, keep))
+    return Path(cache_dir or default_cache_dir()) / "students" / f"{teacher.name}-{h.hexdigest()[:12]}-keep{tag}"
+
+
 def truncate_layers(src: Path, keep: list[int], out: Path) -> Path:
     """Write a copy of the decoder at ``src`` keeping only the listed layers, in order.
 
@@ -227,8 +243,9 @@ def tiny_llama_config(vocab_size: int, num_layers: int = 2, tokenizer=None):
     )
 
 
-def make_tiny_model(out: Path, num_layers: int = 2, seed: int = 0) -> Path:
-    """A random tiny Llama + tokenizer in HF format at ``out`` (idempotent)."""
+def make_tiny_model(out: Path, num_layers: int = 2, seed: int = 0, vocab_size: int | None = None) -> Path:
+    """A random tiny Llama + tokenizer in HF format at ``out`` (idempotent); ``vocab_size`` other than
+    the tokenizer's length gives a padded (or too small) embedding, for the vocabulary checks."""
     out = Path(out)
     if (out / "config.json").is_file():
         return out
@@ -237,7 +254,7 @@ def make_tiny_model(out: Path, num_layers: int = 2, seed: int = 0) -> Path:
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(len(tok), num_layers, tok))
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size or len(tok), num_layers, tok))
     model.generation_config.eos_token_id = tok.eos_token_id
     tmp = _atomic_dir(out)
     try:
@@ -255,7 +272,12 @@ def make_tiny_model(out: Path, num_layers: int = 2, seed: int = 0) -> Path:
 
 
 def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
-    """Turn a model spec (see module docstring) into a local HF directory, preparing it if needed."""
+    """Turn a model spec (see module docstring) into a local HF directory, preparing it if needed;
+    its weights are checked to be present and complete."""
+    return check_weights(_resolve(spec, cache_dir))
+
+
+def _resolve(spec: str, cache_dir: Path | None) -> Path:
     cache = Path(cache_dir or default_cache_dir())
     if spec == EMBEDDED_TEACHER:
         return prepare_smollm2(cache)
@@ -276,3 +298,57 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
     if not (path / "config.json").is_file():
         raise ModelSpecError(f"model path '{spec}' has no config.json: not a Hugging Face model dir")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files: present and complete (a copy cut short otherwise fails deep inside an actor)
+# ---------------------------------------------------------------------------------------------
+
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight files a loader will open: a sharded index's listed shards, else the plain files."""
+    model_dir = Path(model_dir)
+    for name in _INDEXES:
+        index = model_dir / name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError):
+                raise ModelSpecError(f"{index}: unreadable shard index (no weight_map)") from None
+            missing = [s for s in shards if not (model_dir / s).is_file()]
+            if missing:
+                raise ModelSpecError(f"{index}: {len(missing)} of {len(shards)} listed shard(s) missing "
+                                     f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+            return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise ModelSpecError(f"{model_dir}: no weight files (*.safetensors or pytorch_model*.bin), only "
+                             "config.json; copy the model's weights too")
+    return files
+
+
+def check_safetensors(path: Path) -> None:
+    """Read the 8-byte header length and the JSON header; the tensors' data must end within the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ModelSpecError(f"{path}: not a complete safetensors file ({size} bytes, no readable header)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            raise ModelSpecError(f"{path}: not a complete safetensors file (unreadable header)") from None
+    if 8 + n + end > size:
+        raise ModelSpecError(f"{path}: truncated safetensors file ({size} bytes; its header needs "
+                             f"{8 + n + end})")
+
+
+def check_weights(model_dir: Path) -> Path:
+    for f in weight_files(model_dir):
+        if f.suffix == ".safetensors":
+            check_safetensors(f)
+    return model_dir

@@ -28,3 +28,31 @@ def ray_cluster():
                  configure_logging=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def write_dataset():
+    """A function writing a one-row offline dataset as `raykd generate` does (``stamp``: the manifest's
+    teacher_model; None: a manifest from before the stamp)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(path, stamp, token_id=5):
+        """A one-row offline dataset as `raykd generate` writes it; ``stamp=None``: an older manifest."""
+        from driver.offline import MANIFEST, shard_name
+        from kd.data import BUFFER_SCHEMA
+
+        path.mkdir()
+        manifest = {"identity": {}, **({"teacher_model": stamp} if stamp else {})}
+        (path / MANIFEST).write_text(json.dumps(manifest))
+        row = {"prompt_id": "p0", "prompt_ids": [1, 2], "teacher_prompt_ids": [1, 2], "chosen_ids": [token_id, 3],
+               "rejected_ids": [], "chosen_teacher_logps": [-1.0, -1.0], "rejected_teacher_logps": [],
+               "chosen_topk_ids": [[token_id], [3]], "chosen_topk_logps": [[-1.0], [-1.0]],
+               "rejected_topk_ids": [], "rejected_topk_logps": [], "rejected_behaviour_logps": [],
+               "policy_version": -1, "priming": "none", "created_at": 0.0, "reference_answer": None}
+        pq.write_table(pa.Table.from_pylist([row], schema=BUFFER_SCHEMA), path / shard_name(0))
+        return str(path)
+
+    return write

@@ -34,6 +34,10 @@ class HFEngine(Engine):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
         self.max_batch_tokens = max_batch_tokens
         self.version = 0
+        # A padded embedding (Qwen2.5-7B: 152064 rows for 151665 tokens) has rows that are no token:
+        # never sample them, since the other model of a run may have fewer rows (kd/vocab.py)
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        self.padding_ids = list(range(len(tok), rows)) or None
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -60,6 +64,7 @@ class HFEngine(Engine):
             top_k=None,
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
+            suppress_tokens=self.padding_ids,
             return_dict_in_generate=True,
             output_logits=True,
         )

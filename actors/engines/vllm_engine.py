@@ -155,6 +155,10 @@ class VLLMEngine(Engine):
         self._tokens_prompt_cls = TokensPrompt
         tok = self.llm.get_tokenizer()
         self.eos_id = tok.eos_token_id
+        # A padded embedding has rows that are no token: never sample them, since the other model of
+        # a run may have fewer rows (kd/vocab.py); the mask is built only for padded models
+        rows = self._config().get("vocab_size") or len(tok)
+        self._allowed_ids = list(range(len(tok))) if rows > len(tok) else None
         self._tied = self._config().get("tie_word_embeddings", False)
         self._shapes = _checkpoint_shapes(self.model_path)
         self._weight_names = self._comparable(self._shapes)
@@ -224,6 +228,7 @@ class VLLMEngine(Engine):
                     # drops vLLM's own EOS set, which adds the generation_config's eos ids)
                     ignore_eos=True,
                     stop_token_ids=[] if self.eos_id is None else [self.eos_id],
+                    allowed_token_ids=self._allowed_ids,
                     detokenize=False,
                 )
             )
