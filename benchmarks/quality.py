@@ -383,9 +383,9 @@ def main(argv=None) -> int:
                 prep = prepare(cfg, str(_fresh(work / f"ref-s{seed}-run")))
                 data["REFERENCE"] = reference_dataset(cfg, prep, seed, work)
             results.append(run_one(name, grid[name], base, seed, work, data, scorer, args.max_new_tokens))
+            write_report(results, teacher, args, Path(args.out))  # after every run: a cut grid still reports
     finally:
         ray.shutdown()
-    write_report(results, teacher, args, Path(args.out))
     print(f"wrote {args.out}")
     return 0
 
