@@ -44,8 +44,8 @@ def base_config(tiny: dict | None) -> dict:
     """The shared setting; ``tiny`` (model paths) shrinks it to random tiny models for tests."""
     cfg = {
         "models": {"teacher": "smollm2-135m-instruct", "student_keep_layers": [0, 7, 14, 21, 29]},
-        "data": {"source": "synthetic_math", "num_prompts": 256, "max_prompt_tokens": 128},
-        "teacher": {"max_new_tokens": 64, "top_k_logprobs": 8, "temperature": 0.7},
+        "data": {"source": "synthetic_math", "num_prompts": 128, "max_prompt_tokens": 128},
+        "teacher": {"max_new_tokens": 96, "top_k_logprobs": 8, "temperature": 0.7},
         "sampler": {"max_new_tokens": 64, "prompts_per_request": 8},
         "buffer": {"capacity": 256},
         "learner": {"batch_size": 8, "lr": 3.0e-4, "warmup_steps": 4},
@@ -253,7 +253,7 @@ SETTING = (
     "about 46M parameters); training prompts from the built-in synthetic math generator. Every method: "
     "the same samples (steps x batch), learning rate 3e-4 with 4 warm-up steps, AdamW, each loss with its "
     "method defaults (docs/losses.md; DPKD beta 0.1 with 0.5 CE on y_t). Offline methods cycle over one "
-    "teacher dataset per seed (256 answers of at most 64 tokens), whose generation is charged to each "
+    "teacher dataset per seed (128 answers of at most 96 tokens; y_s at most 64), whose generation is charged to each "
     "of them; dpkd_token runs on those offline rows. Held out: synthetic problems of another generator "
     "seed ('synth') and the last questions of the GSM8K training file ('GSM8K'), neither trained on; "
     "greedy answers of at most 128 tokens; KL teacher-forced on the held-out reference solutions, full "
@@ -324,7 +324,7 @@ def write_report(results: list[dict], teacher: dict, args, out: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=32, help="training steps per method (x batch 8 samples)")
+    ap.add_argument("--steps", type=int, default=16, help="training steps per method (x batch 8 samples)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the grid")
     ap.add_argument("--quick", action="store_true", help=f"methods {', '.join(QUICK)}; seed 0; 8 steps")
     ap.add_argument("--gsm8k", default=None, help="a GSM8K JSONL file: also score on its last questions")
