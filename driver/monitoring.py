@@ -168,7 +168,7 @@ def format_summary(summary: dict) -> str:
         if wall:
             pairs += f" ({summary['pairs_added'] / wall:.3g}/s)"
         lines.append(pairs)
-    if summary.get("skipped_overlong") is not None:
+    if summary.get("skipped_overlong"):  # nothing to say when none was skipped
         lines.append(f"skipped      {summary['skipped_overlong']} over-long prompts (data.on_overlong=skip)")
     buf = summary.get("buffer") or {}
     if buf:
