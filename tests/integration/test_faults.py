@@ -30,7 +30,7 @@ def kill_after(run_dir, name: str, steps: int) -> threading.Thread:
 
     def go():
         metrics = run_dir / "metrics.jsonl"
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while time.time() < deadline:
             if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
                 ray.kill(ray.get_actor(name), no_restart=False)

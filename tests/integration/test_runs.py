@@ -9,12 +9,10 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
 import pytest
-import ray
 import yaml
 
 from driver.cli import main
@@ -22,6 +20,7 @@ from driver.config import load_config
 from driver.online import run_online
 from driver.prepare import prepare
 from driver.runs import commit_resume, plan_resume
+from test_faults import kill_after  # the same actor-killing thread as the fault tests
 
 HF = ["teacher.engine.backend=hf", "sampler.engine.backend=hf"]  # fast engines for tiny models
 pytestmark = pytest.mark.slow
@@ -91,20 +90,6 @@ def test_an_interrupted_run_resumes_with_the_printed_command(tiny_models, tmp_pa
     assert capsys.readouterr().err.strip() == (
         f"raykd: {run} is complete (step-000008 is the final step 8); nothing to do")
     assert snapshot(run) == finished
-
-
-def kill_after(run_dir, name: str, steps: int) -> threading.Thread:
-    def go():
-        metrics, deadline = run_dir / "metrics.jsonl", time.time() + 180
-        while time.time() < deadline:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
-                ray.kill(ray.get_actor(name), no_restart=False)
-                return
-            time.sleep(0.05)
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    return t
 
 
 @pytest.mark.usefixtures("ray_cluster")
