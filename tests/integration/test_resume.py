@@ -56,4 +56,4 @@ def test_latest_checkpoint_ignores_a_half_written_one(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-000002"
 
 
-# Ctrl-C, the printed resume command and a damaged checkpoint: tests/integration/test_runs.py
+# Ctrl-C, the printed resume command and a damaged checkpoint: tests/integration/test_run_lifecycle.py

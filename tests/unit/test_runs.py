@@ -1,7 +1,7 @@
 """Runs, resume and checkpoints without Ray: every refusal is one line and leaves the run untouched.
 
 The cases that need a real run (an interrupted run resumed with the printed command, a damaged
-checkpoint resumed, a learner dying before the first checkpoint) are in tests/integration/test_runs.py.
+checkpoint resumed, a learner dying before the first checkpoint) are in tests/integration/test_run_lifecycle.py.
 """
 
 import json
