@@ -77,13 +77,13 @@ def methods(steps: int) -> dict[str, list | None]:
         "sft_ground_truth": [off({"type": "sft"}, "REFERENCE")],
         "seqkd": [off({"type": "sft"})],
         "offline_topk_fkl": [off({"type": "fkl"})],
+        "dpkd_token": [off({"type": "dpkd_token"})],  # reads only y_t and its top-k: offline rows
         "gkd_jsd": [on({"type": "jsd"})],
         "pg_rkl": [on({"type": "pg_rkl"})],
         "dpkd": [on({"type": "dpkd"})],
-        "dpkd_token": [off({"type": "dpkd_token"})],  # reads only y_t and its top-k: offline rows
+        "seqkd->dpkd": [off({"type": "sft"}, n=half), on({"type": "dpkd"}, n=steps - half)],
     }
     grid.update({f"dpkd+{s}": [on({"type": "dpkd"})] for s in DPKD_PRIMINGS})
-    grid["seqkd->dpkd"] = [off({"type": "sft"}, n=half), on({"type": "dpkd"}, n=steps - half)]
     return grid
 
 
