@@ -13,7 +13,7 @@ with ``--gsm8k``, the LAST ``--gsm8k-limit`` questions of a GSM8K JSONL file (no
 Equal budget: every method trains on ``--steps`` x ``learner.batch_size`` samples with the same learning
 rate, warm-up and batch. Offline methods cycle over one teacher dataset per seed (``data.num_prompts``
 responses, generated once and shared; its generation time is added to each offline method's wall time,
-its tokens to each one's teacher tokens). ``seqkd->dpkd`` spends half its steps on each phase.
+its tokens to each one's teacher tokens). ``seqkd_then_dpkd`` spends half its steps on each phase.
 
 Scores per final student: exact match and Rouge-L against the reference solutions on each held-out set,
 and ``KL(teacher||student)`` / ``KL(student||teacher)`` teacher-forced on the held-out reference
@@ -81,7 +81,7 @@ def methods(steps: int) -> dict[str, list | None]:
         "gkd_jsd": [on({"type": "jsd"})],
         "pg_rkl": [on({"type": "pg_rkl"})],
         "dpkd": [on({"type": "dpkd"})],
-        "seqkd->dpkd": [off({"type": "sft"}, n=half), on({"type": "dpkd"}, n=steps - half)],
+        "seqkd_then_dpkd": [off({"type": "sft"}, n=half), on({"type": "dpkd"}, n=steps - half)],
     }
     grid.update({f"dpkd+{s}": [on({"type": "dpkd"})] for s in DPKD_PRIMINGS})
     return grid
