@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -219,11 +220,11 @@ def run_one(name: str, schedule, base: dict, seed: int, work: Path, data: dict, 
     else:
         offline = [p for p in schedule if p["kind"] == "offline"]
         sched = [dict(p, data=str(data[p["data"]])) if p["kind"] == "offline" else p for p in schedule]
-        extra = {}
+        extra, run_name = {}, re.sub(r"[^A-Za-z0-9._-]", "_", name)  # run.name allows no '+'
         if name.startswith("dpkd+"):
             extra["priming"] = {"strategy": name.split("+", 1)[1]}
         cfg = load_config(_write_yaml(work / f"{name}-s{seed}.yaml",
-                                      {**base, **extra, "run": {"name": name, "seed": seed}, "schedule": sched}))
+                                      {**base, **extra, "run": {"name": run_name, "seed": seed}, "schedule": sched}))
         summary = run_online(cfg, prepare(cfg, str(_fresh(run_dir))), progress=False)  # redo an unfinished one
         model = summary["final_model"]
         uses_teacher_data = any(p["data"] == "TEACHER" for p in offline)
