@@ -228,11 +228,13 @@ def run_one(name: str, schedule, base: dict, seed: int, work: Path, data: dict, 
         summary = run_online(cfg, prepare(cfg, str(_fresh(run_dir))), progress=False)  # redo an unfinished one
         model = summary["final_model"]
         uses_teacher_data = any(p["data"] == "TEACHER" for p in offline)
-        result.update(steps=summary["steps"], wall_s=summary["wall_s"], teacher_tokens=sum(
-            t.get("generated_tokens", 0) + t.get("scored_tokens", 0) for t in summary["teachers"]))
+        generated = sum(t.get("generated_tokens", 0) for t in summary["teachers"])
+        result.update(steps=summary["steps"], wall_s=summary["wall_s"], teacher_generated_tokens=generated,
+                      teacher_tokens=generated + sum(t.get("scored_tokens", 0) for t in summary["teachers"]))
         if uses_teacher_data:
             result["wall_s"] += data["teacher_cost"]["wall_s"]
             result["teacher_tokens"] += data["teacher_cost"]["teacher_tokens"]
+            result["teacher_generated_tokens"] += data["teacher_cost"]["teacher_tokens"]
     result.update(scorer.score(model, max_new))
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result, indent=1))
