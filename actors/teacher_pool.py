@@ -7,13 +7,14 @@ returns the pairs as one Arrow table in the replay-buffer schema.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 
 import pyarrow as pa
 import ray
 
-from actors import metrics
+from actors import lifecycle, metrics
 from actors.engines import Generation, SamplingParams, make_engine
 from kd.data import BUFFER_SCHEMA
 
@@ -123,6 +124,21 @@ class TeacherPool:
         ]
         self.in_flight = [0] * num_replicas
         self._owner: dict[ray.ObjectRef, int] = {}
+        self.retired: set[int] = set()  # replicas whose node is gone and that no other node can hold
+
+    @property
+    def active(self) -> list[int]:
+        return [i for i in range(len(self.workers)) if i not in self.retired]
+
+    def retire(self, i: int) -> None:
+        """Go on without replica ``i`` (its node was lost and no alive node can hold it again). The last
+        replica is never retired: ``lifecycle.ActorUnplaceable`` says what the cluster lacks instead."""
+        if self.active == [i]:
+            lifecycle.check_placeable(self.workers[i])  # raises, naming what cannot be placed
+        name = lifecycle.retire(self.workers[i])
+        self.retired.add(i)
+        print(f"raykd: warning: {name} was lost with its node and no alive node can hold it; going on with "
+              f"{len(self.active)} teacher replica(s)", file=sys.stderr)
 
     def ready_refs(self) -> list:
         return [w.ready.remote() for w in self.workers]
@@ -132,8 +148,12 @@ class TeacherPool:
         """``student_ref``: the sampler's ObjectRef (Ray resolves it before the teacher runs), or None
         for offline rows. ``avoid``: a replica not to use (one that just failed) if there is another.
         ``needs``: what the loss reads (see ``TeacherWorker.make_pairs``)."""
-        choices = [i for i in range(len(self.workers)) if i != avoid] or list(range(len(self.workers)))
-        i = min(choices, key=self.in_flight.__getitem__)
+        while True:
+            choices = [i for i in self.active if i != avoid] or self.active
+            i = min(choices, key=self.in_flight.__getitem__)
+            if lifecycle.is_alive(self.workers[i]) or lifecycle.replaceable(self.workers[i]):
+                break
+            self.retire(i)  # a request to it would wait forever for a node that is gone
         ref = self.workers[i].make_pairs.remote(requests, student_ref, needs)
         self.in_flight[i] += 1
         self._owner[ref] = i
@@ -149,6 +169,9 @@ class TeacherPool:
     def stats(self) -> list[dict]:
         out = []
         for i, w in enumerate(self.workers):
+            if i in self.retired:
+                out.append({"index": i, "lost": True})
+                continue
             try:
                 out.append(ray.get(w.stats.remote()))
             except ray.exceptions.RayActorError:  # restarting after a failure: no counts to give

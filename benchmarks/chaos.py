@@ -80,7 +80,8 @@ def run_once(cfg, run_dir: Path, every: float | None, rng: random.Random) -> dic
             "prompts_lost": summary["prompts_requested"] - sum(seen.values()),
             "duplicates": sum(n - 1 for n in seen.values() if n > 1),
             "buffer_rows_lost": summary["buffer_rows_lost"], "learner_restarts": summary["learner_restarts"],
-            "recovered_requests": summary["recovered_requests"], "buffer_restores": summary["buffer_restores"]}
+            "recovered_requests": summary["recovered_requests"], "buffer_restores": summary["buffer_restores"],
+            "lost_actors": sorted(summary.get("lost_actors", {}))}
 
 
 # Node resources: teacher-0 on `a` or `c`, teacher-1 on the other, sampler on `a`, learner on `b`; none of
@@ -125,8 +126,13 @@ def node_loss(models: dict, role: str, steps: int, root: Path) -> None:
         ray.shutdown()
         cluster.shutdown()
     print(f"\nremoved {', '.join(removed) or 'nothing'}; {outcome} ({time.perf_counter() - t:.0f} s)")
+    report = {"role": role, "removed": removed, "outcome": outcome, "wall_s": round(time.perf_counter() - t, 1)}
     if result:
-        print({k: result[k] for k in ("prompts_lost", "duplicates", "buffer_rows_lost", "recovered_requests")})
+        report.update({k: result[k] for k in ("steps", "prompts_lost", "duplicates", "buffer_rows_lost",
+                                              "recovered_requests", "lost_actors")},
+                      summary_written=(run_dir / "summary.json").is_file(),
+                      final_written=(run_dir / "final" / "config.json").is_file())
+    print(json.dumps(report))  # the last line: what a test reads
 
 
 def main() -> None:

@@ -225,7 +225,8 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
     # a lost node then fails fast in wait_alive, naming the actor that cannot come back
     register_run({**{f"teacher-{i}": w for i, w in enumerate(teachers.workers)},
                   **{f"sampler-{i}": x for i, x in enumerate(samplers)}},
-                 lambda nodes: placement_problems(actor_demands(cfg), nodes))
+                 lambda nodes, without=(): placement_problems(
+                     [d for d in actor_demands(cfg) if d[0] not in without], nodes))
     ray.get([buffer.ready.remote(), *teachers.ready_refs(), *[x.ready.remote() for x in samplers],
              *learners.ready_refs()])
     return RunActors(buffer, teachers, samplers, learners)

@@ -187,7 +187,10 @@ def format_summary(summary: dict) -> str:
         if probe.get("prompt"):
             lines.append(f"probe prompt {_one_line(probe['prompt'], keep_end=True)!r}")  # the question ends it
         lines.append(f"  before     {_one_line(probe.get('before', ''))!r}")
-        lines.append(f"  after      {_one_line(probe.get('after', ''))!r}")
+        if probe.get("after") is not None:
+            lines.append(f"  after      {_one_line(probe['after'])!r}")
+    for name in summary.get("lost_actors") or {}:
+        lines.append(f"lost         {name} (its node is gone; nothing else could hold it)")
     if summary.get("final_model"):
         lines.append(f"final model  {summary['final_model']}")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ray
 
-from actors.lifecycle import wait_alive
+from actors.lifecycle import ActorUnplaceable, check_run, wait_alive
 from actors.metrics import record_step
 from actors.weight_sync import WeightSync
 from driver.cluster import check_resources, create_actors, start_ray
@@ -118,6 +118,7 @@ class Trainer:
             print(f"raykd: {who} died ({cause}); restarting the learner group from {where} "
                   f"({self.learner_restarts - self.restarts_before}/{self.cfg.learner.max_restarts})",
                   file=sys.stderr)
+            check_run(who)  # its node is gone and no other can hold it: say so now, not after a timeout
             try:
                 self._new_learners_from(ckpt)
                 return
@@ -281,13 +282,33 @@ class Trainer:
             self.save_checkpoint(Drained())
         return self._summary()
 
+    def _lost_actors(self) -> dict[str, str]:
+        """Teachers and samplers that cannot come back (their node is gone): name -> why. The others
+        are waited for (one may still be restarting after a failure)."""
+        pool = self.actors.teachers
+        lost = {f"teacher-{i}": "lost with its node during the run" for i in sorted(pool.retired)}
+        for name, actor in [*((f"teacher-{i}", pool.workers[i]) for i in pool.active),
+                            *((f"sampler-{i}", s) for i, s in enumerate(self.actors.samplers))]:
+            try:
+                wait_alive(actor)
+            except ActorUnplaceable as e:
+                lost[name] = str(e)
+                if name.startswith("teacher-"):
+                    pool.retired.add(int(name.split("-")[1]))  # no stats call to an actor that cannot answer
+        for name, why in lost.items():
+            if why.startswith(name):  # found now (a retired one was reported when it was retired)
+                print(f"raykd: warning: {why}; the summary and the trained student are written without it",
+                      file=sys.stderr)
+        return lost
+
     def _summary(self, interrupted_at: str | None = None) -> dict:
-        for actor in [*self.actors.teachers.workers, *self.actors.samplers]:
-            wait_alive(actor)  # one may still be restarting after a failure
-        self.sync.wait()
-        probe_after = _probe(self.actors, self.prep)
+        lost = self._lost_actors()
+        samplers_ok = not any(name.startswith("sampler-") for name in lost)
+        if samplers_ok:
+            self.sync.wait()
+        probe_after = _probe(self.actors, self.prep) if samplers_ok else None
         held_out = {"eval_before": self.eval_before, "eval_teacher": self.eval_teacher}
-        if self.cfg.eval.before_after and interrupted_at is None:
+        if self.cfg.eval.before_after and interrupted_at is None and samplers_ok:
             held_out["eval_after"] = self._evaluate(self.actors.samplers[0])
         final = self.run_dir / "final"
         self.actors.learners.save_hf(str(final), self.prep.student_path)
@@ -299,9 +320,10 @@ class Trainer:
             "buffer_restores": self.guard.restores, "buffer_rows_lost": self.guard.rows_lost,
             "learner_restarts": self.learner_restarts,
             "pairs_added": self.pairs_added, "buffer": stats,
-            "sampler_versions": ray.get([s.version.remote() for s in self.actors.samplers]),
+            "sampler_versions": ray.get([s.version.remote() for s in self.actors.samplers]) if samplers_ok else [],
             "teachers": self.actors.teachers.stats(),
-            "samplers": ray.get([s.stats.remote() for s in self.actors.samplers]),
+            "samplers": ray.get([s.stats.remote() for s in self.actors.samplers]) if samplers_ok else [],
+            **({"lost_actors": lost} if lost else {}),
             "first_loss": self.log.first.get("loss"), "last_loss": self.log.last.get("loss"),
             "final_model": str(final),
             **self.last_eval, **{k: v for k, v in held_out.items() if v},

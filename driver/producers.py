@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ray
 
-from actors.lifecycle import wait_alive
+from actors.lifecycle import replaceable, wait_alive
 from driver.config import Config
 from driver.recovery import BufferGuard
 
@@ -127,8 +127,12 @@ class OnlineProducer:
             self._add(req, req["gen"], req["pair"])
             return
         self.recovered["teacher"] += 1  # the teacher died: its request goes to another replica
-        if len(self.actors.teachers.workers) == 1 and teacher is not None:
-            wait_alive(self.actors.teachers.workers[teacher])
+        pool = self.actors.teachers
+        if teacher is not None and teacher not in pool.retired:
+            if not replaceable(pool.workers[teacher]):
+                pool.retire(teacher)  # its node is gone for good: the others go on without it
+            elif len(pool.active) == 1:
+                wait_alive(pool.workers[teacher])
         self._send(req, gen=req["gen"], avoid_teacher=teacher)
 
     def state(self) -> dict:
