@@ -160,3 +160,16 @@ def test_mlflow_resume_continues_the_same_run(tmp_path, no_tracker_env):
     [run] = read_mlflow((tmp_path / "mlruns").as_uri())
     assert {s for (k, s) in run["history"] if k == "loss"} == {1, 2, 3, 4}
     assert run["summary"] == SUMMARY and run["info"].status == "FINISHED"
+
+
+def test_wandb_resume_keeps_the_run_id(tmp_path, no_tracker_env):
+    pytest.importorskip("wandb")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _drive(run_dir, ["wandb"], ROWS[:2], {"steps": 2})
+    _drive(run_dir, ["wandb"], ROWS[2:], SUMMARY, resume_step=2)
+    first, second = read_wandb(run_dir / "wandb")
+    assert first["file"].name == second["file"].name  # the same run id, in a second offline directory
+    assert first["history"] == pytest.approx(expected_series(ROWS[:2]))
+    assert second["history"] == pytest.approx(expected_series(ROWS[2:]))
+    assert second["summary"]["last_loss"] == 0.125
