@@ -29,6 +29,7 @@ class PromptRecord:
     prompt_id: str
     question: str
     answer: str | None = None  # the reference final answer (GSM8K: the text after '####')
+    reference: str | None = None  # the whole reference text (evaluation: Rouge-L, KL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,13 +220,14 @@ def row_shape(row: dict, prompt_field: str) -> str:
 
 
 def _reference(raw, where: str) -> str | None:
+    """The answer field's value as text (None when absent)."""
     if raw is None:
         return None
     if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
         raise DataError(f"{where} must be a string or number")
     if isinstance(raw, float) and raw != raw:
         raise DataError(f"{where} is NaN")
-    return final_answer(str(raw))
+    return str(raw)
 
 
 def rows_to_records(rows, prompt_field: str, answer_field: str | None, where: str) -> list[PromptRecord]:
@@ -239,20 +241,19 @@ def rows_to_records(rows, prompt_field: str, answer_field: str | None, where: st
         if field_name not in row:
             raise DataError(f"{at} '{field_name}' is missing (row has: "
                             f"{', '.join(sorted(map(str, row))) or 'no fields'})")
-        q, ans = row[field_name], None
+        q, ref = row[field_name], None
         if shape == "messages" or isinstance(q, list):  # a conversation: its last user turn
-            q, reply = _conversation(q, at, field_name)
-            ans = final_answer(reply)
+            q, ref = _conversation(q, at, field_name)
         elif not isinstance(q, str):
             raise DataError(f"{at} '{field_name}' must be a string, got {type(q).__name__}")
         if not q.strip():
             raise DataError(f"{at} '{field_name}' is empty")
         if shape == "prompt_completion" and row.get("completion") is not None:
-            ans = final_answer(_completion(row["completion"], at))
-        if ans is None and answer_field is not None:
-            ans = _reference(row.get(answer_field), f"{at} '{answer_field}'")
+            ref = _completion(row["completion"], at)
+        if ref is None and answer_field is not None:
+            ref = _reference(row.get(answer_field), f"{at} '{answer_field}'")
         pid = str(row.get("id", f"{Path(where).stem}-{i}"))
-        records.append(PromptRecord(pid, q, ans))
+        records.append(PromptRecord(pid, q, final_answer(ref), ref))
     if not records:
         raise DataError(f"{where}: no rows (empty dataset)")
     return records

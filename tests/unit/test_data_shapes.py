@@ -105,3 +105,18 @@ def test_hf_error_names_the_dataset_and_row(tmp_path):
     src = _hf(tmp_path / "ds", [{"messages": [{"role": "assistant", "content": "a"}]}])
     with pytest.raises(DataError, match=rf"^{src}:1: field 'messages' has no user turn \(roles: assistant\)$"):
         load_prompts(src, "question", "answer", 0, 0)
+
+
+def test_held_out_eval_reads_the_shapes_with_the_whole_reference(tmp_path):
+    """eval.source / `raykd eval --data`: the reference text (Rouge-L, KL) is the assistant turn or the
+    completion, whole; exact match reads its number."""
+    from driver.evaluate import load_examples
+
+    src = _jsonl(tmp_path / "e.jsonl", CHAT)
+    ex = load_examples(src)
+    assert [(e.question, e.reference, e.answer) for e in ex] == [
+        ("What is 2 + 3?", "2 + 3 = 5\n#### 5", "5"), ("How many legs has a cat?", None, None),
+        ("Second?", "two", None)]
+    src = _parquet(tmp_path / "e.parquet", [{"prompt": "Name a prime.", "completion": "It is 7."}])
+    [e] = load_examples(src)
+    assert (e.question, e.reference, e.answer) == ("Name a prime.", "It is 7.", "7")
