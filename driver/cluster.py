@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import ray
@@ -70,10 +71,26 @@ def start_ray(cfg: Config) -> bool:
     cpus = cfg.ray.num_cpus or max(int(need["CPU"] + 0.999), os.cpu_count() or 1)
     # address="local": always a new cluster of our own; without it ray.init joins any cluster it finds
     # on the machine (a crashed run's leftover, another job's), which then refuses num_cpus
-    ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.ray.include_dashboard,
-             dashboard_host=cfg.ray.dashboard_host, runtime_env=env, log_to_driver=False,
-             configure_logging=False)
+    ctx = ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.ray.include_dashboard,
+                   dashboard_host=cfg.ray.dashboard_host, runtime_env=env, log_to_driver=False,
+                   configure_logging=False)
+    if cfg.ray.include_dashboard and ctx.dashboard_url:
+        print(dashboard_note(ctx.dashboard_url), file=sys.stderr)
     return True
+
+
+def dashboard_note(url: str) -> str:
+    """Where the dashboard is and, with Ray's token authentication on, how to get in. A new local
+    cluster turns it on unless RAY_AUTH_MODE says otherwise (Ray 2.60 sets RAY_AUTH_MODE=token in
+    this process when it does); the page then asks for the token and the API answers 401 without it."""
+    note = f"raykd: Ray dashboard at http://{url.removeprefix('http://')}"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        where = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+        if os.environ.get("RAY_AUTH_TOKEN"):
+            where = "$RAY_AUTH_TOKEN"
+        note += (f" (token authentication is on: paste the token `ray get-auth-token` prints, from {where}, into "
+                 "its login page; API clients send 'Authorization: Bearer <token>'; docs/monitoring.md)")
+    return note
 
 
 def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None,

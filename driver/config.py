@@ -33,6 +33,8 @@ class RunConfig:
     name: str = "raykd"
     runs_dir: str = "runs"
     seed: int = 0
+    # experiment trackers that get every metrics.jsonl row, the config and the summary (driver/trackers.py)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
 
 
 @dataclass
@@ -482,6 +484,10 @@ def check_paths(cfg: Config, datasets: bool = True) -> Config:
         if ph.kind == "offline" and datasets and ph.data is not None:
             _check((Path(ph.data).expanduser() / "manifest.json").is_file(), f"schedule[{i}].data", ph.data,
                    "must be a dataset directory written by `raykd generate`")
+    from driver.trackers import missing
+
+    if missing(cfg.run.report_to):
+        raise ConfigError(missing(cfg.run.report_to))
     if cfg.learner.deepspeed_config is not None:
         _check(Path(cfg.learner.deepspeed_config).is_file(), "learner.deepspeed_config",
                cfg.learner.deepspeed_config, "file does not exist")

@@ -86,10 +86,8 @@ def load_examples(source: str, prompt_field: str = "question", answer_field: str
                 break
     records = rows_to_records(rows, prompt_field, answer_field, where)  # validates; names file:row
     examples = []
-    for rec, (_, row) in zip(records, rows):
-        ref = row.get(answer_field) if answer_field else None
-        ref = None if ref is None else str(ref)
-        examples.append(Example(rec.prompt_id, rec.question, ref, extract_answer(ref)))
+    for rec in records:  # the reference: the answer field, or a TRL dataset's assistant turn / completion
+        examples.append(Example(rec.prompt_id, rec.question, rec.reference, extract_answer(rec.reference)))
     return examples
 
 

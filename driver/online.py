@@ -34,6 +34,7 @@ from driver.prepare import Prepared
 from driver.producers import Drained, OfflineProducer, OnlineProducer, PromptStream
 from driver.recovery import BufferGuard, LearnerDied, answers, first_line, latest_checkpoint
 from driver.runs import RunDirError, intact_checkpoint, phase_position, write_manifest
+from driver.trackers import Trackers
 
 __all__ = ["Trainer", "run_online", "latest_checkpoint", "PromptStream"]
 
@@ -47,8 +48,9 @@ def _probe(actors, prep: Prepared) -> str:
 class Trainer:
     """The driver's state for one run: which phase and step, which policy version, what was added."""
 
-    def __init__(self, cfg: Config, prep: Prepared, actors, progress: bool, evaluator=None):
+    def __init__(self, cfg: Config, prep: Prepared, actors, progress: bool, evaluator=None, trackers=None):
         self.cfg, self.prep, self.actors = cfg, prep, actors
+        self.trackers = trackers or Trackers([])  # run.report_to: each gets what metrics.jsonl gets
         self.run_dir = prep.run_dir
         self.phases: list[PhaseConfig] = cfg.phases()
         self.sync = WeightSync(actors.learners, actors.samplers, mode=cfg.sync.mode, bucket_mb=cfg.sync.bucket_mb)
@@ -331,6 +333,7 @@ class Trainer:
                       "before": self.probe_before, "after": probe_after},
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.trackers.log_summary(summary)
         return summary
 
     def _drain(self, producer) -> None:
@@ -389,6 +392,7 @@ class Trainer:
             row.update(self.last_eval)
         record_step(row)
         self.log.write(row)
+        self.trackers.log(self.log.last, self.step)
         bar.update(row)
 
     def _push(self) -> None:
@@ -463,12 +467,14 @@ def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool 
     # built before any actor starts, so bad eval data fails fast
     wants_eval = cfg.eval.every_steps or cfg.eval.before_after or cfg.eval.teacher
     evaluator = PeriodicEval(cfg, prep.tokenizer) if wants_eval else None
+    trackers = Trackers(cfg.run.report_to)  # (that they are installed was checked with the config)
     started_ray = start_ray(cfg)
+    failed = True
     try:
         check_resources(cfg)
         actors = create_actors(cfg, prep.teacher_path, prep.student_path)
         try:
-            trainer = Trainer(cfg, prep, actors, progress, evaluator)
+            trainer = Trainer(cfg, prep, actors, progress, evaluator, trackers)
             if resume:
                 ckpt = resume if isinstance(resume, Path) else intact_checkpoint(prep.run_dir)
                 if ckpt is None:
@@ -476,9 +482,13 @@ def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool 
                 trainer.restore(ckpt, faults=True)
                 if on_resumed is not None:
                     on_resumed()
-            return trainer.run()
+            trackers.start(cfg.to_dict(), prep.run_dir, resume_step=trainer.step if resume else None)
+            summary = trainer.run()
+            failed = False
+            return summary
         finally:
             actors.shutdown()
     finally:
+        trackers.finish(failed)
         if started_ray:
             ray.shutdown()

@@ -2,8 +2,9 @@
 
 - ``synthetic_math``: a built-in, seeded generator of grade-school math word problems with numeric
   answers (GSM8K-style solutions ending in ``#### N``), so the embedded default needs no download.
-- ``read_prompts``: JSONL or Parquet files with configurable field names; every bad row stops with
-  ``file:row: field: what is wrong``.
+- ``read_prompts``: JSONL or Parquet files with configurable field names, TRL's conversational
+  ``messages`` column (the last user turn is the prompt, an assistant turn after it the reference) or
+  TRL's ``prompt``/``completion`` columns; every bad row stops with ``file:row: field: what is wrong``.
 - ``BUFFER_SCHEMA``: the Arrow schema of a preference pair in the replay buffer.
 """
 
@@ -28,6 +29,7 @@ class PromptRecord:
     prompt_id: str
     question: str
     answer: str | None = None  # the reference final answer (GSM8K: the text after '####')
+    reference: str | None = None  # the whole reference text (evaluation: Rouge-L, KL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,28 +163,97 @@ def iter_rows(path: Path):
             yield i, row
 
 
+def _content(msg, at: str, name: str) -> str:
+    """A chat message's text: its ``content`` string, or the text parts of a list of parts.
+    ``at``: 'file:row: field', ``name``: the message's place ('messages[2]')."""
+    if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+        raise DataError(f"{at} '{name}' must be a {{role, content}} message, got {_short(msg)}")
+    content = msg["content"]
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):  # [{type: text, text}]
+        content = "".join(p.get("text") or "" for p in content if p.get("type", "text") == "text")
+    if not isinstance(content, str):
+        raise DataError(f"{at} '{name}.content' must be a string, got {type(content).__name__}")
+    return content
+
+
+def _short(v) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _conversation(conv, at: str, name: str) -> tuple[str, str | None]:
+    """(the last user turn, the assistant turn after it or None) of a TRL conversational column."""
+    if not isinstance(conv, list):
+        raise DataError(f"{at} '{name}' must be a list of {{role, content}} messages, got {type(conv).__name__}")
+    texts = [_content(m, at, f"{name}[{k}]") for k, m in enumerate(conv)]
+    users = [k for k, m in enumerate(conv) if m["role"] == "user"]
+    if not users:
+        roles = ", ".join(str(m["role"]) for m in conv) or "none"
+        raise DataError(f"{at} '{name}' has no user turn (roles: {roles})")
+    last = users[-1]
+    if not texts[last].strip():
+        raise DataError(f"{at} '{name}[{last}].content' is empty")
+    reply = next((texts[k] for k in range(last + 1, len(conv)) if conv[k]["role"] == "assistant"), None)
+    return texts[last], reply
+
+
+def _completion(value, at: str) -> str | None:
+    """A TRL completion: a string, or a list of messages whose assistant turns are the answer."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise DataError(f"{at} 'completion' must be a string or a list of messages, got {type(value).__name__}")
+    texts = [_content(m, at, f"completion[{k}]") for k, m in enumerate(value)]
+    return "".join(t for t, m in zip(texts, value) if m["role"] == "assistant") or None
+
+
+def row_shape(row: dict, prompt_field: str) -> str:
+    """Which shape a dataset has, from its first row: the configured fields (``data.prompt_field`` /
+    ``data.answer_field``), TRL's conversational ``messages``, or TRL's ``prompt``/``completion``."""
+    if prompt_field in row:
+        return "fields"
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row:
+        return "prompt_completion"
+    return "fields"
+
+
+def _reference(raw, where: str) -> str | None:
+    """The answer field's value as text (None when absent)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+        raise DataError(f"{where} must be a string or number")
+    if isinstance(raw, float) and raw != raw:
+        raise DataError(f"{where} is NaN")
+    return str(raw)
+
+
 def rows_to_records(rows, prompt_field: str, answer_field: str | None, where: str) -> list[PromptRecord]:
-    """Validate (row number, dict) pairs into prompt records; ``where`` names the source."""
-    records = []
+    """Validate (row number, dict) pairs into prompt records; ``where`` names the source. The
+    dataset's shape (``row_shape``) is read from its first row; every row must then have it."""
+    records, shape = [], None
     for i, row in rows:
-        if prompt_field not in row:
-            raise DataError(f"{where}:{i}: field '{prompt_field}' is missing (row has: "
+        shape = shape or row_shape(row, prompt_field)
+        at = f"{where}:{i}: field"
+        field_name = {"fields": prompt_field, "messages": "messages", "prompt_completion": "prompt"}[shape]
+        if field_name not in row:
+            raise DataError(f"{at} '{field_name}' is missing (row has: "
                             f"{', '.join(sorted(map(str, row))) or 'no fields'})")
-        q = row[prompt_field]
-        if not isinstance(q, str):
-            raise DataError(f"{where}:{i}: field '{prompt_field}' must be a string, got {type(q).__name__}")
+        q, ref = row[field_name], None
+        if shape == "messages" or isinstance(q, list):  # a conversation: its last user turn
+            q, ref = _conversation(q, at, field_name)
+        elif not isinstance(q, str):
+            raise DataError(f"{at} '{field_name}' must be a string, got {type(q).__name__}")
         if not q.strip():
-            raise DataError(f"{where}:{i}: field '{prompt_field}' is empty")
-        ans = None
-        if answer_field is not None and row.get(answer_field) is not None:
-            raw = row[answer_field]
-            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
-                raise DataError(f"{where}:{i}: field '{answer_field}' must be a string or number")
-            if isinstance(raw, float) and raw != raw:
-                raise DataError(f"{where}:{i}: field '{answer_field}' is NaN")
-            ans = final_answer(str(raw))
+            raise DataError(f"{at} '{field_name}' is empty")
+        if shape == "prompt_completion" and row.get("completion") is not None:
+            ref = _completion(row["completion"], at)
+        if ref is None and answer_field is not None:
+            ref = _reference(row.get(answer_field), f"{at} '{answer_field}'")
         pid = str(row.get("id", f"{Path(where).stem}-{i}"))
-        records.append(PromptRecord(pid, q, ans))
+        records.append(PromptRecord(pid, q, final_answer(ref), ref))
     if not records:
         raise DataError(f"{where}: no rows (empty dataset)")
     return records
