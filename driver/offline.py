@@ -136,7 +136,10 @@ def generate_with(pool, cfg, requests: list[dict], skipped: int, out_dir: str | 
     done_rows = sum(len(shards[i]) for i in range(len(shards)) if i not in todo)
     bar = tqdm(total=len(requests), initial=done_rows, desc="generate", unit="prompt",
                disable=not progress, dynamic_ncols=True)
-    per_request = cfg.sampler.prompts_per_request
+    # big engine calls: an engine batches the prompts of one call together, which is far faster per
+    # token than calls of a sampler request's size; every replica still gets at least two calls
+    per_call = -(-len(requests) // (2 * len(pool.workers))) if requests else 1
+    per_request = max(cfg.sampler.prompts_per_request, min(shard_size, per_call))
     pending: dict = {}  # ref -> (shard, part)
     parts: dict[int, dict[int, pa.Table]] = {i: {} for i in todo}
     n_parts = {i: (len(shards[i]) + per_request - 1) // per_request for i in todo}
