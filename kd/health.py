@@ -31,10 +31,11 @@ From the rows alone (``row_health``):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 Sums = dict[str, tuple[float, float]]
@@ -117,11 +118,10 @@ def row_health(table: pa.Table, budgets: dict[str, int] | None = None, eos_id: i
     for side, name in SIDES.items():
         responses = table.column(f"{side}_ids").to_pylist()
         have = [i for i, r in enumerate(responses) if r]  # an empty response: this row has none
-        for lps in table.column(f"{side}_topk_logps").to_pylist():
-            for position in lps or []:
-                if position:
-                    mass += sum(math.exp(lp) for lp in position)
-                    n_mass += 1
+        positions = pc.list_flatten(table.column(f"{side}_topk_logps"))  # one list per position
+        if len(positions):
+            n_mass += int(pc.sum(pc.greater(pc.list_value_length(positions), 0)).as_py() or 0)
+            mass += float(np.exp(pc.list_flatten(positions).to_numpy(zero_copy_only=False).astype(np.float64)).sum())
         if not have:
             continue
         n = float(len(have))
