@@ -121,7 +121,8 @@ def row_health(table: pa.Table, budgets: dict[str, int] | None = None, eos_id: i
         positions = pc.list_flatten(table.column(f"{side}_topk_logps"))  # one list per position
         if len(positions):
             n_mass += int(pc.sum(pc.greater(pc.list_value_length(positions), 0)).as_py() or 0)
-            mass += float(np.exp(pc.list_flatten(positions).to_numpy(zero_copy_only=False).astype(np.float64)).sum())
+            values = pc.list_flatten(positions).to_numpy(zero_copy_only=False).astype(np.float64)
+            mass += float(np.exp(values).sum())
         if not have:
             continue
         n = float(len(have))
