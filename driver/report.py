@@ -4,7 +4,8 @@ Plots against the training step (one PNG each, skipped when no run has the metri
 margin, eval metrics (``eval_*`` columns, written by periodic evaluation), throughput (samples/s),
 policy lag, and the distillation health metrics (``kd.health``: agreement, entropy, lengths, truncated
 share, exact match on the training prompts). Several runs are overlaid on the same axes, labelled by
-run name (the directory name). ``report.md`` embeds the plots and tabulates first / last / best value per metric and run.
+run name (the directory name). ``report.md`` embeds the plots and tabulates first / last / best value
+per metric and run.
 
 Rows of metrics.jsonl may lack keys or hold null (other loss types, steps before the first eval):
 those points are simply absent from a curve. Figures are drawn with matplotlib's Agg canvas (no
