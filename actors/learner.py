@@ -79,7 +79,10 @@ def _summed_metrics() -> set[str]:
 class Learner:
     """Ray actor (named ``learner-<rank>``)."""
 
-    def __init__(self, rank: int, world_size: int, model_path: str, learner_cfg, loss_cfg, seed: int = 0):
+    def __init__(self, rank: int, world_size: int, model_path: str, learner_cfg, loss_cfg, seed: int = 0,
+                 max_new_tokens: dict | None = None):
+        """``max_new_tokens``: the length budgets of y_t and y_s (``{"chosen": ..., "rejected": ...}``),
+        for the health metric of how many responses ran into them (``kd.health.row_health``)."""
         torch.set_num_threads(learner_cfg.torch_threads)
         torch.manual_seed(seed)
         random.seed(seed)
@@ -92,6 +95,7 @@ class Learner:
         model.config.use_cache = False
         tok = AutoTokenizer.from_pretrained(model_path, **hf_kwargs())
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.tokenizer, self.budgets = tok, dict(max_new_tokens or {})
         self.lora = learner_cfg.lora is not None
         if self.lora:
             model = _with_lora(model, learner_cfg.lora)
@@ -184,6 +188,7 @@ class Learner:
         the world size to undo that. Net: K ranks x G micro-batches take the same step as one rank
         on the whole batch in one go.
         """
+        from kd import health
         from kd.objective import compute_loss, resolve_loss
 
         if table.num_rows == 0:
@@ -197,12 +202,14 @@ class Learner:
         self.engine.train()
         sums: dict[str, list[float]] = {}  # key -> [value sum, weight]
         summed = _summed_metrics()
+        healthy: dict = {}  # kd.health sums of this rank's part: added to `sums` as they are
         grad_norm = None
         for rows in parts:
             # An empty part still runs a forward/backward (on row 0, weight 0): under ZeRO-3 every
             # rank must run the same number of forwards, as each gathers parameters collectively.
             micro = table.take(rows or [0])
-            loss, metrics = compute_loss(self.engine, micro, loss_cfg, self.pad_id, counts, self.world_size)
+            loss, metrics = compute_loss(self.engine, micro, loss_cfg, self.pad_id, counts, self.world_size,
+                                         health=healthy if rows else None)
             self.engine.backward(loss if rows else loss * 0.0, scale_wrt_gas=False)
             if self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._plain_grad_norm()
@@ -214,12 +221,21 @@ class Learner:
                     acc[0] += v * w
                     acc[1] += w
         self.steps += 1
+        health.add(healthy, self._row_health(mine))
+        for k, (v, w) in healthy.items():  # a mean over the step's positions / rows, all ranks
+            sums[k] = [v, w]
         metrics = self._reduce_metrics(sums, summed)
         versions = [v for v in table.column("policy_version").to_pylist() if v >= 0]
         metrics.update(lr=self._lr(), grad_norm=_grad_norm(self.engine, grad_norm),
                        train_step_s=time.perf_counter() - t,
                        batch_policy_version=sum(versions) / len(versions) if versions else 0.0)
         return metrics
+
+    def _row_health(self, table) -> dict:
+        from kd.health import row_health
+
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+        return row_health(table, self.budgets, self.tokenizer.eos_token_id, decode)
 
     def _reduce_metrics(self, sums: dict, summed: set) -> dict:
         """Metrics of the whole step: global sums for the globally normalised ones, row-weighted means

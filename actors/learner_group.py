@@ -64,13 +64,14 @@ class LearnerGroup:
     def __init__(self, num_learners: int, actor_options: dict, model_path: str, learner_cfg,
                  loss_cfg, seed: int = 0, placement_strategy: str | None = None,
                  placement_timeout_s: float = 120.0, name_prefix: str = "learner",
-                 zero_copy_weights: bool = True):
+                 zero_copy_weights: bool = True, max_new_tokens: dict | None = None):
         """``actor_options``: ``num_cpus``/``num_gpus``/``resources`` of ONE learner (they become
         its bundle; a ``runtime_env`` is passed on). ``placement_strategy`` defaults to
         ``learner_cfg.placement_strategy``. ``zero_copy_weights``: the learners put their weights
         into the object store with Ray's zero-copy tensor serialization (samplers then read them
         straight from shared memory, read-only; 3-9x faster weight sync for 50-135M parameters here,
-        see benchmarks/weight_sync.py); it applies only to what the learners return."""
+        see benchmarks/weight_sync.py); it applies only to what the learners return. ``max_new_tokens``:
+        the y_t / y_s length budgets, for the health metrics (``actors.learner.Learner``)."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -102,7 +103,7 @@ class LearnerGroup:
         self.learners = [
             remote.options(name=f"{name_prefix}-{r}", **opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=r)).remote(
-                r, num_learners, model_path, learner_cfg, loss_cfg, seed)
+                r, num_learners, model_path, learner_cfg, loss_cfg, seed, max_new_tokens)
             for r in range(num_learners)
         ]
         # Rank 0's node hosts the rendezvous; the engines are built once every rank has joined.

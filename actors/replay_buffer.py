@@ -233,7 +233,7 @@ class ReplayBuffer:
                 return 0
             added = self.core.add(rows, force=self.overflow, request_id=request_id)
             self.changed.notify_all()
-            metrics.record_buffer(len(self.core))
+            metrics.record_buffer(len(self.core), capacity=self.core.capacity)
             return added
 
     async def sample(self, n: int, current_version: int, timeout: float | None = None) -> pa.Table | None:
@@ -245,7 +245,7 @@ class ReplayBuffer:
                 batch = self.core.sample(n, current_version)
                 if batch is not None or self.closed:
                     self.changed.notify_all()  # consumed rows make room for waiting producers
-                    metrics.record_buffer(len(self.core))
+                    metrics.record_buffer(len(self.core), capacity=self.core.capacity)
                     return batch
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -260,7 +260,7 @@ class ReplayBuffer:
             self.version = max(self.version, version)
             self.core.drop_stale(self.version)
             self.changed.notify_all()
-            metrics.record_buffer(len(self.core))
+            metrics.record_buffer(len(self.core), capacity=self.core.capacity)
 
     async def set_overflow(self, on: bool) -> None:
         """While on, ``add`` never waits: rows beyond capacity are kept (consumed rows go first).

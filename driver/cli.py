@@ -59,7 +59,7 @@ def _train_setup(args):
     return cfg, claim_run_dir(cfg, args.run_dir, args.overwrite), None
 
 
-SUBCOMMAND_MODULES = ("driver.offline", "driver.evaluate", "driver.report")
+SUBCOMMAND_MODULES = ("driver.offline", "driver.evaluate", "driver.report", "driver.grafana")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -206,7 +206,8 @@ def make_learner_group(cfg: Config, student_path: str, name_prefix: str = "learn
 
     return LearnerGroup(cfg.learner.num_learners, actor_options(cfg.learner), student_path, cfg.learner,
                         cfg.loss, cfg.run.seed, placement_strategy=cfg.learner.placement_strategy,
-                        name_prefix=name_prefix)
+                        name_prefix=name_prefix, max_new_tokens={"chosen": cfg.teacher.max_new_tokens,
+                                                                 "rejected": cfg.sampler.max_new_tokens})
 
 
 def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActors:

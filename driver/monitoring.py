@@ -73,7 +73,8 @@ def _fmt(v, spec: str = ".4g") -> str:
 
 def progress_postfix(row: dict, buffer_capacity: int | None = None) -> dict[str, str]:
     """The progress bar's fields for one metrics row: loss, samples/s, buffer fill, lag, version, and
-    the eval metrics when the row has them. Missing or null values show as '-'."""
+    student/teacher top-1 agreement and the eval metrics when the row has them. Missing or null values
+    show as '-'."""
     size = row.get("buffer_size")
     buffer = "-" if size is None else (f"{size}/{buffer_capacity}" if buffer_capacity else str(size))
     out = {
@@ -83,6 +84,8 @@ def progress_postfix(row: dict, buffer_capacity: int | None = None) -> dict[str,
         "lag": _fmt(row.get("policy_lag"), ".2f"),
         "v": str(row.get("policy_version", "-")),
     }
+    if _num(row.get("top1_agreement")) is not None:  # distillation health: student/teacher top-1 agree
+        out["top1"] = _fmt(row["top1_agreement"], ".2f")
     for key in ("eval_exact_match", "eval_rouge_l"):
         if _num(row.get(key)) is not None:
             out[key.removeprefix("eval_")] = _fmt(row[key], ".3f")

@@ -1,9 +1,11 @@
 """``raykd report RUN_DIR [RUN_DIR ...] [--out DIR]``: PNG plots and a Markdown summary of runs.
 
 Plots against the training step (one PNG each, skipped when no run has the metric): loss, reward
-margin, eval metrics (``eval_*`` columns, written by periodic evaluation), throughput (samples/s) and
-policy lag. Several runs are overlaid on the same axes, labelled by run name (the directory name).
-``report.md`` embeds the plots and tabulates first / last / best value per metric and run.
+margin, eval metrics (``eval_*`` columns, written by periodic evaluation), throughput (samples/s),
+policy lag, and the distillation health metrics (``kd.health``: agreement, entropy, lengths, truncated
+share, exact match on the training prompts). Several runs are overlaid on the same axes, labelled by
+run name (the directory name). ``report.md`` embeds the plots and tabulates first / last / best value
+per metric and run.
 
 Rows of metrics.jsonl may lack keys or hold null (other loss types, steps before the first eval):
 those points are simply absent from a curve. Figures are drawn with matplotlib's Agg canvas (no
@@ -49,14 +51,25 @@ PLOTS = (
     PlotSpec("eval", "Evaluation (held out)", "score"),
     PlotSpec("throughput", "Throughput", "samples/s", ("samples_per_s",)),
     PlotSpec("policy_lag", "Policy lag", "versions", ("policy_lag",)),
+    # distillation health (kd.health)
+    PlotSpec("agreement", "Student/teacher agreement on trained tokens, teacher top-k mass", "share",
+             ("top1_agreement", "topk_overlap", "teacher_topk_mass")),
+    PlotSpec("entropy", "Student entropy on trained tokens", "nats", ("student_entropy",)),
+    PlotSpec("lengths", "Response length (y_t teacher, y_s student)", "tokens", ("y_t_len", "y_s_len")),
+    PlotSpec("truncated", "Responses that hit max_new_tokens", "share", ("y_t_truncated", "y_s_truncated")),
+    PlotSpec("train_exact_match", "Exact match on the training prompts", "exact match",
+             ("y_t_exact_match", "y_s_exact_match")),
 )
 
 # metrics tabulated in report.md; "best" is the min or max by the metric's direction (none: "-")
 LOWER_IS_BETTER = {"loss", "dpkd_loss", "sft_loss", "rejected_reward", "policy_lag", "step_time_s",
-                   "weight_sync_s", "train_step_s"}
-HIGHER_IS_BETTER = {"reward_margin", "reward_accuracy", "chosen_reward", "samples_per_s"}
+                   "weight_sync_s", "train_step_s", "y_s_truncated"}
+HIGHER_IS_BETTER = {"reward_margin", "reward_accuracy", "chosen_reward", "samples_per_s", "top1_agreement",
+                    "topk_overlap", "y_s_exact_match"}
 TABLE_KEYS = ("loss", "dpkd_loss", "sft_loss", "reward_margin", "reward_accuracy", "chosen_reward",
-              "rejected_reward", "samples_per_s", "policy_lag", "buffer_size", "step_time_s", "weight_sync_s")
+              "rejected_reward", "samples_per_s", "policy_lag", "buffer_size", "step_time_s", "weight_sync_s",
+              "teacher_topk_mass", "top1_agreement", "topk_overlap", "student_entropy", "y_t_len", "y_s_len",
+              "y_t_truncated", "y_s_truncated", "y_t_exact_match", "y_s_exact_match")
 
 
 def _num(v) -> float | None:
@@ -199,8 +212,9 @@ def _markdown(runs: list[Run], plots: dict[str, Path], specs: dict[str, PlotSpec
     if missing:
         md += ["", f"Not plotted (no values in any run): {', '.join(missing)}."]
     md += ["", "## Values", "",
-           "Best: the minimum for losses, rejected reward, lag and times; the maximum for margins, "
-           "accuracies, chosen reward, throughput and eval scores.", "",
+           "Best: the minimum for losses, rejected reward, lag, times and the student's truncated share; "
+           "the maximum for margins, accuracies, chosen reward, throughput, eval scores, student/teacher "
+           "agreement and the student's exact match on training prompts.", "",
            "| metric | run | first | last | best |", "|---|---|---|---|---|"]
     md += [f"| {k} | {r} | {_fmt(a)} | {_fmt(b)} | {_fmt(c)} |" for k, r, a, b, c in value_table(runs)]
     probes = [(run.name, run.summary["probe"]) for run in runs if isinstance(run.summary.get("probe"), dict)]

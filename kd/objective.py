@@ -289,13 +289,15 @@ def _main_rows(cfg, n: int, on_s: list[bool]) -> dict[str, list[int]]:
 
 
 def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None = None,
-                 world_size: int = 1) -> tuple[torch.Tensor, dict]:
+                 world_size: int = 1, health: dict | None = None) -> tuple[torch.Tensor, dict]:
     """``kd_coef * main + sft_coef * CE(y_t)`` for ``cfg`` (a ``LossConfig``; None fields take the
     method's defaults) on ``table`` (buffer rows), plus float metrics. Each term is computed only when
     its weight is > 0.
 
     ``counts``: ``token_counts`` of the whole step over all ranks (by default this table's own); every
-    term is normalised by them, and the loss is multiplied by ``world_size`` (DeepSpeed averages)."""
+    term is normalised by them, and the loss is multiplied by ``world_size`` (DeepSpeed averages).
+    ``health``: a dict that receives ``kd.health.token_health`` sums of the sequences this forward
+    trained on (no_grad; the loss is unchanged)."""
     cfg = resolve_loss(cfg)
     counts = counts or token_counts(table, cfg)
     n = table.num_rows
@@ -324,4 +326,25 @@ def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None =
         metrics["sft_loss"] = sft.item()
         loss = loss + cfg.sft_coef * sft
     metrics["loss"] = loss.item()
+    if health is not None:
+        _health(fwd, table, rows, health)
     return loss * float(world_size), metrics
+
+
+def _health(fwd: _Forward, table: pa.Table, rows: dict[str, list[int]], into: dict) -> None:
+    """``kd.health.token_health`` of each side the forward covered, with that side's teacher top-k
+    where the rows carry it (positions past a row's stored top-k are left out of the top-k metrics)."""
+    from kd import health
+
+    for side, picked in rows.items():
+        if not picked:
+            continue
+        logits, _, mask = fwd.take(side, picked)
+        topk = table.take(picked).column(f"{side}_topk_ids").to_pylist()
+        k = next((len(r[0]) for r in topk if r and r[0]), 0)
+        ids = lps = tmask = None
+        if k:
+            teacher = topk_teacher(table.take(picked), side, fwd.width)
+            ids, lps = teacher.ids, teacher.logprobs
+            tmask = pad_2d([[1.0] * len(r or []) for r in topk], fwd.width)
+        health.add(into, health.token_health(logits.detach(), mask, ids, lps, tmask))

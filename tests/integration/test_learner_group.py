@@ -1,6 +1,7 @@
 """The learner group on a local Ray cluster (CPU, gloo): data-parallel equivalence, gradient
 accumulation, ZeRO-3, checkpoints and resume, LoRA, and both weight-sync transports."""
 
+import math
 import random
 
 import pyarrow as pa
@@ -25,14 +26,21 @@ def batch(n: int, seed: int) -> pa.Table:
         return [rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))]
 
     rows = []
+    top = random.Random(seed + 1000)  # the teacher's top-k (3 distinct ids), for the health metrics
+
+    def topk(resp):
+        return ([top.sample(range(3, VOCAB), 3) for _ in resp],
+                [sorted((-top.uniform(0.1, 4) for _ in range(3)), reverse=True) for _ in resp])
+
     for i in range(n):
         c, r = ids(1, 6), ids(1, 5)
+        (c_ids, c_lps), (r_ids, r_lps) = topk(c), topk(r)
         rows.append({"prompt_id": f"s{seed}-{i}", "prompt_ids": ids(2, 7), "teacher_prompt_ids": ids(2, 5),
                      "chosen_ids": c, "rejected_ids": r,
                      "chosen_teacher_logps": [-rng.uniform(0.1, 3) for _ in c],
                      "rejected_teacher_logps": [-rng.uniform(1, 5) for _ in r],
-                     "chosen_topk_ids": None, "chosen_topk_logps": None, "rejected_topk_ids": None,
-                     "rejected_topk_logps": None, "rejected_behaviour_logps": [-1.0] * len(r),
+                     "chosen_topk_ids": c_ids, "chosen_topk_logps": c_lps, "rejected_topk_ids": r_ids,
+                     "rejected_topk_logps": r_lps, "rejected_behaviour_logps": [-1.0] * len(r),
                      "policy_version": 0, "priming": "none", "created_at": 0.0, "reference_answer": None})
     return pa.Table.from_pylist(rows, schema=BUFFER_SCHEMA)
 
@@ -42,7 +50,7 @@ def make_group(prefix, model, k=1, **cfg):
 
     cfg = {"batch_size": 4, "lr": 1e-3, "num_learners": k, **cfg}
     return LearnerGroup(k, {"num_cpus": 1}, model, LearnerConfig(**cfg), LossConfig(type="dpkd"),
-                        seed=0, name_prefix=prefix)
+                        seed=0, name_prefix=prefix, max_new_tokens={"chosen": 5, "rejected": 4})
 
 
 def train(group, batches):
@@ -121,8 +129,21 @@ def test_two_ranks_and_accumulation_take_the_same_step_as_one(tiny_models):
     assert_same_update(w["accum"], w["one"])
     for name in ("two", "accum"):  # the step's metrics are those of the whole batch
         for a, b in zip(metrics[name], metrics["one"]):
-            for key in ("loss", "sft_loss", "dpkd_loss", "reward_margin", "grad_norm"):
+            for key in ("loss", "sft_loss", "dpkd_loss", "reward_margin", "grad_norm", "student_entropy",
+                        "top1_agreement", "topk_overlap", "teacher_topk_mass", "y_t_len", "y_s_len",
+                        "y_t_truncated", "y_s_truncated"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, key)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    for b, m in zip(batches, metrics["one"]):  # the row metrics, from the batch directly
+        c, r = b.column("chosen_ids").to_pylist(), b.column("rejected_ids").to_pylist()
+        assert m["y_t_len"] == pytest.approx(sum(map(len, c)) / len(c))
+        assert m["y_s_len"] == pytest.approx(sum(map(len, r)) / len(r))
+        assert m["y_t_truncated"] == pytest.approx(sum(len(x) >= 5 for x in c) / len(c))  # no EOS in ids
+        assert m["y_s_truncated"] == pytest.approx(sum(len(x) >= 4 for x in r) / len(r))
+        assert 0 <= m["top1_agreement"] <= 1 and 0 <= m["topk_overlap"] <= 1
+        assert 0 < m["student_entropy"] <= math.log(vocab) + 1e-4  # at most the uniform's
     info = groups["accum"].info()[0]
     assert info["grad_accum_steps"] == 2 and info["steps"] == 2
     for g in groups.values():

@@ -42,10 +42,10 @@ SCRIPT = textwrap.dedent('''
                 created_at=[0.0] * n, reference_answer=[None] * n)
     assert ray.get(buffer.add.remote(pa.Table.from_pydict(rows, schema=BUFFER_SCHEMA))) == n
     gens = ray.get(sampler.generate.remote([{"prompt_ids": [1, 30, 40]}, {"prompt_ids": [1, 31]}], seed=0))
-    metrics.record_step({"loss": 0.625, "policy_lag": 1.0, "weight_sync_s": 0.25})
+    health = {key: 0.125 * (i + 1) for i, key in enumerate(metrics.HEALTH_GAUGES)}
+    metrics.record_step({"loss": 0.625, "policy_lag": 1.0, "weight_sync_s": 0.25, **health})
 
-    wanted = {"ray_raykd_buffer_size", "ray_raykd_samples_generated_total", "ray_raykd_tokens_per_second",
-              "ray_raykd_learner_loss", "ray_raykd_policy_lag", "ray_raykd_weight_sync_seconds"}
+    wanted = {"ray_" + name for name in metrics.NAMES}  # every metric raykd defines, as Ray exports it
     found, deadline = {}, time.monotonic() + 25
     while time.monotonic() < deadline and set(found) != wanted:
         try:
@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent('''
                             if "=" in kv)
                 found[name] = {"actor": tags.get("actor", "").strip('"'), "value": float(line.rsplit(" ", 1)[1])}
         time.sleep(0.25)
-    print("RESULT " + json.dumps({"found": found, "port": port,
+    print("RESULT " + json.dumps({"found": found, "port": port, "health": health,
                                   "tokens": sum(len(g.token_ids) for g in gens)}))
     ray.shutdown()
 ''')
@@ -86,4 +86,10 @@ def test_actor_metrics_reach_the_prometheus_endpoint(tiny_models, tmp_path):
     assert found["ray_raykd_learner_loss"] == {"actor": "learner-group", "value": 0.625}
     assert found["ray_raykd_policy_lag"]["value"] == 1.0
     assert found["ray_raykd_weight_sync_seconds"]["value"] == 0.25
+    assert found["ray_raykd_buffer_capacity"] == {"actor": "replay-buffer", "value": 16.0}
+    from actors.metrics import HEALTH_GAUGES, NAMES
+
+    assert set(found) == {"ray_" + name for name in NAMES}  # every metric raykd defines is exported
+    for key, name in HEALTH_GAUGES.items():
+        assert found["ray_" + name] == {"actor": "learner-group", "value": result["health"][key]}, key
     print(f"metrics subprocess took {time.perf_counter() - t:.1f}s")

@@ -252,9 +252,10 @@ def test_ray_metrics_are_noops_outside_ray(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     metrics.record_generation("sampler-0", 3, 30, 0.5)
-    metrics.record_buffer(5)
+    metrics.record_buffer(5, capacity=8)
     metrics.record_step({"loss": None, "policy_lag": float("nan"), "weight_sync_s": 0.1})
     metrics.record_step({})
     assert set(metrics.NAMES) == {"raykd_samples_generated_total", "raykd_tokens_per_second",
-                                  "raykd_buffer_size", "raykd_learner_loss", "raykd_policy_lag",
-                                  "raykd_weight_sync_seconds"}
+                                  "raykd_buffer_size", "raykd_buffer_capacity", "raykd_learner_loss",
+                                  "raykd_policy_lag", "raykd_weight_sync_seconds",
+                                  *metrics.HEALTH_GAUGES.values()}

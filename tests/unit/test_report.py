@@ -102,7 +102,8 @@ def test_report_without_eval_or_margin_skips_those_plots(tmp_path):
     rep = make_report([run])
     assert set(rep.plots) == {"loss", "throughput", "policy_lag"}
     assert not (run / "report" / "eval.png").exists()
-    assert "Not plotted (no values in any run): reward_margin, eval." in rep.markdown.read_text()
+    assert ("Not plotted (no values in any run): reward_margin, eval, agreement, entropy, lengths, truncated, "
+            "train_exact_match." in rep.markdown.read_text())
 
 
 def test_report_cli(tmp_path, capsys):
