@@ -184,8 +184,10 @@ class Learner:
         the world size to undo that. Net: K ranks x G micro-batches take the same step as one rank
         on the whole batch in one go.
         """
+        from actors.replay_buffer import resolve_rows
         from kd.objective import compute_loss, resolve_loss
 
+        table = resolve_rows(table)  # buffer.rows=object_store: fetch the rows from where they are
         if table.num_rows == 0:
             raise ValueError("train_step got an empty batch")
         t = time.perf_counter()
