@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a 3-node cluster and two short runs: 195 s here, on 2 cores under a load of 40-50
 def test_scale_benchmark_quick(tmp_path):
     out = tmp_path / "scale.json"
     # its own process: the benchmark starts its own cluster (this session may already have one)
