@@ -189,8 +189,10 @@ class Learner:
         on the whole batch in one go.
         """
         from kd import health
+        from actors.replay_buffer import resolve_rows
         from kd.objective import compute_loss, resolve_loss
 
+        table = resolve_rows(table)  # buffer.rows=object_store: fetch the rows from where they are
         if table.num_rows == 0:
             raise ValueError("train_step got an empty batch")
         t = time.perf_counter()

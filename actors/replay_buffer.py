@@ -14,6 +14,17 @@ Semantics:
   among all fresh rows, with reuse.
 - ``save`` / ``load``: one Parquet file with the rows, their use counts and the counters, so a run
   resumes with its buffer exactly as it was.
+
+Where the rows live (``buffer.rows``):
+- ``actor`` (the default): every row passes through this actor: a teacher's table is copied in on
+  ``add`` and every ``sample`` copies a batch out, which each learner rank then fetches.
+- ``object_store``: the rows stay in the Ray object store where the teacher put them (its node); the
+  actor keeps only a stub per row (prompt id, policy version, which object, which row) under the
+  same rules, and ``sample`` hands out ``RowRefs`` (object refs and row indexes) that each learner
+  rank resolves itself (``resolve_rows``). The actor then does bookkeeping only, and the row bytes
+  go from the teachers' nodes to the learners directly instead of through one node
+  (docs/scaling.md). ``save`` still writes every held row (it fetches them); a node lost with rows
+  not yet trained on loses those rows (the learner's fetch fails) instead of the buffer keeping a copy.
 """
 
 from __future__ import annotations
@@ -32,10 +43,36 @@ from actors import metrics
 from kd.data import BUFFER_SCHEMA
 
 
-class BufferCore:
-    """The buffer's state and rules, without Ray: unit-testable and used in-process by the actor."""
+# a row held in the object store: its table (``RowRefs.refs[_ref]`` in the actor) and row there
+STUB_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("policy_version", pa.int64(), nullable=False),
+    pa.field("_ref", pa.int64(), nullable=False),
+    pa.field("_row", pa.int64(), nullable=False),
+])
 
-    def __init__(self, capacity: int, max_policy_lag: int, sampling: str = "fifo", seed: int = 0):
+
+class RowRefs(list):
+    """A batch handed out by a buffer in ``object_store`` mode: ``[(table ref, [row indexes]), ...]``
+    in batch order; ``resolve_rows`` turns it into the table."""
+
+
+def resolve_rows(batch):
+    """The batch as one Arrow table (fetching the rows of a ``RowRefs``; a table stays as it is)."""
+    if not isinstance(batch, RowRefs):
+        return batch
+    import ray
+
+    tables = ray.get([ref for ref, _ in batch])
+    return pa.concat_tables([t.take(pa.array(rows)) for t, (_, rows) in zip(tables, batch)])
+
+
+class BufferCore:
+    """The buffer's state and rules, without Ray: unit-testable and used in-process by the actor.
+    ``schema``: the rows' schema (``STUB_SCHEMA`` in ``object_store`` mode)."""
+
+    def __init__(self, capacity: int, max_policy_lag: int, sampling: str = "fifo", seed: int = 0,
+                 schema: pa.Schema = BUFFER_SCHEMA):
         if capacity <= 0:
             raise ValueError(f"buffer.capacity={capacity}: must be a positive integer")
         if sampling not in ("fifo", "uniform"):
@@ -44,7 +81,8 @@ class BufferCore:
         self.max_policy_lag = max_policy_lag
         self.sampling = sampling
         self.rng = np.random.default_rng(seed)
-        self.table = BUFFER_SCHEMA.empty_table()
+        self.schema = schema
+        self.table = schema.empty_table()
         self.versions = np.zeros(0, dtype=np.int64)
         self.uses = np.zeros(0, dtype=np.int64)
         self.inserted = self.consumed = self.dropped_stale = self.evicted = self.duplicates = 0
@@ -74,7 +112,7 @@ class BufferCore:
             return 0
         if rows.num_rows > self.room() and not force:
             raise ValueError(f"{rows.num_rows} rows do not fit (room for {self.room()})")
-        rows = rows.select(BUFFER_SCHEMA.names).cast(BUFFER_SCHEMA)
+        rows = rows.select(self.schema.names).cast(self.schema)
         overflow = len(self) + rows.num_rows - self.capacity
         if overflow > 0:
             self._evict_consumed(overflow)
@@ -198,22 +236,96 @@ class BufferCore:
 
 class ReplayBuffer:
     """The Ray actor around ``BufferCore`` (async: ``add`` and ``sample`` wait without blocking
-    each other). Create with ``ray.remote(ReplayBuffer).options(name="replay-buffer")``."""
+    each other). Create with ``ray.remote(ReplayBuffer).options(name="replay-buffer")``.
+    ``rows``: 'actor' (rows held here) or 'object_store' (stubs here, rows in the object store)."""
 
-    def __init__(self, capacity: int, max_policy_lag: int, sampling: str = "fifo", seed: int = 0):
-        self.core = BufferCore(capacity, max_policy_lag, sampling, seed)
+    def __init__(self, capacity: int, max_policy_lag: int, sampling: str = "fifo", seed: int = 0,
+                 rows: str = "actor"):
+        if rows not in ("actor", "object_store"):
+            raise ValueError(f"buffer.rows={rows!r}: must be 'actor' or 'object_store'")
+        self.rows = rows
+        self.core = self._new_core(BufferCore(capacity, max_policy_lag, sampling, seed))
+        self.refs: dict[int, object] = {}  # object_store mode: table id -> ObjectRef of its rows
+        self.ref_row_bytes: dict[int, float] = {}  # table id -> bytes per row (stats)
+        self.next_ref = 0
         self.changed = asyncio.Condition()
         self.version = 0
         self.closed = False
         self.overflow = False  # while the driver drains producers (no learner is consuming)
         self.incarnation = os.urandom(8).hex()  # new after every (re)start: tells the driver it lost state
 
+    def _new_core(self, like: BufferCore) -> BufferCore:
+        core = BufferCore(like.capacity, like.max_policy_lag, like.sampling,
+                          schema=STUB_SCHEMA if self.rows == "object_store" else BUFFER_SCHEMA)
+        core.rng = like.rng
+        return core
+
+    # -- object_store mode: stubs here, rows elsewhere --------------------------------------------
+
+    def _stub(self, ref, prompt_ids: list, versions: list, nbytes: float) -> pa.Table:
+        i, n = self.next_ref, len(prompt_ids)
+        self.next_ref += 1
+        self.refs[i], self.ref_row_bytes[i] = ref, nbytes / max(n, 1)
+        return pa.table({"prompt_id": prompt_ids, "policy_version": versions, "_ref": [i] * n,
+                         "_row": list(range(n))}, schema=STUB_SCHEMA)
+
+    def _prune(self) -> None:
+        """Forget the tables no held row points into (their objects can then be freed)."""
+        if self.rows != "object_store" or not self.refs:
+            return
+        live = set(np.unique(self.core.table.column("_ref").to_numpy()).tolist()) if len(self.core) else set()
+        for i in [i for i in self.refs if i not in live]:
+            del self.refs[i], self.ref_row_bytes[i]
+
+    def _segments(self, stub: pa.Table) -> list[tuple[int, list[int]]]:
+        """Consecutive rows of ``stub`` from the same table: ``[(table id, [rows]), ...]`` in order."""
+        out: list[tuple[int, list[int]]] = []
+        for i, r in zip(stub.column("_ref").to_pylist(), stub.column("_row").to_pylist()):
+            if out and out[-1][0] == i:
+                out[-1][1].append(r)
+            else:
+                out.append((i, [r]))
+        return out
+
+    async def _materialize(self, stub: pa.Table) -> pa.Table:
+        """The full rows behind ``stub`` (fetched from the object store), in its order."""
+        segs = self._segments(stub)
+        if not segs:
+            return BUFFER_SCHEMA.empty_table()
+        ids = sorted({i for i, _ in segs})
+        tables = dict(zip(ids, await asyncio.gather(*[self.refs[i] for i in ids])))
+        return pa.concat_tables([tables[i].take(pa.array(rows)).select(BUFFER_SCHEMA.names).cast(BUFFER_SCHEMA)
+                                 for i, rows in segs])
+
+    # -- the API ------------------------------------------------------------------------------------
+
     async def add(self, rows: pa.Table, timeout: float | None = None, request_id: str | None = None) -> int:
         """Insert rows, waiting while the buffer is full of unconsumed rows (backpressure).
         ``request_id``: the producer's id for this request; a repeat is dropped (see BufferCore.add)."""
-        n = rows.num_rows
+        if self.rows == "object_store":  # rows given here (offline data) go to the object store too
+            import ray
+
+            return await self._insert(rows.num_rows, lambda: self._stub(
+                ray.put(rows), rows.column("prompt_id").to_pylist(), rows.column("policy_version").to_pylist(),
+                rows.nbytes), timeout, request_id)
+        return await self._insert(rows.num_rows, lambda: rows, timeout, request_id)
+
+    async def add_ref(self, meta: dict, refs: list, timeout: float | None = None,
+                      request_id: str | None = None) -> int:
+        """``add`` for rows a teacher left in the object store: ``refs[0]`` is their table (in a list,
+        so Ray does not fetch it here), ``meta`` their ``prompt_id`` and ``policy_version`` lists and
+        ``nbytes`` (``TeacherWorker.make_pairs_split``). In 'actor' mode the table is fetched."""
+        n = len(meta["prompt_id"])
+        if self.rows != "object_store":
+            table = await refs[0]
+            return await self._insert(n, lambda: table, timeout, request_id)
+        return await self._insert(n, lambda: self._stub(refs[0], meta["prompt_id"], meta["policy_version"],
+                                                        meta["nbytes"]), timeout, request_id)
+
+    async def _insert(self, n: int, make, timeout: float | None, request_id: str | None) -> int:
         if request_id is not None and request_id in self.core.request_ids:
-            return self.core.add(rows, request_id=request_id)  # counts the duplicate, adds nothing
+            self.core.duplicates += n  # a re-sent request whose rows are here: nothing is added
+            return 0
         if n > self.core.capacity:
             raise ValueError(f"{n} rows exceed buffer.capacity={self.core.capacity}")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -231,7 +343,8 @@ class ReplayBuffer:
                     continue
             if self.closed:
                 return 0
-            added = self.core.add(rows, force=self.overflow, request_id=request_id)
+            added = self.core.add(make(), force=self.overflow, request_id=request_id)
+            self._prune()
             self.changed.notify_all()
             metrics.record_buffer(len(self.core), capacity=self.core.capacity)
             return added
@@ -244,6 +357,9 @@ class ReplayBuffer:
             while True:
                 batch = self.core.sample(n, current_version)
                 if batch is not None or self.closed:
+                    if batch is not None and self.rows == "object_store":
+                        batch = RowRefs((self.refs[i], rows) for i, rows in self._segments(batch))
+                    self._prune()
                     self.changed.notify_all()  # consumed rows make room for waiting producers
                     metrics.record_buffer(len(self.core), capacity=self.core.capacity)
                     return batch
@@ -259,6 +375,7 @@ class ReplayBuffer:
         async with self.changed:
             self.version = max(self.version, version)
             self.core.drop_stale(self.version)
+            self._prune()
             self.changed.notify_all()
             metrics.record_buffer(len(self.core), capacity=self.core.capacity)
 
@@ -270,6 +387,7 @@ class ReplayBuffer:
             self.overflow = on
             if not on:
                 self.core.shrink_to_capacity()
+                self._prune()
             self.changed.notify_all()
 
     async def close(self) -> None:
@@ -278,15 +396,43 @@ class ReplayBuffer:
             self.changed.notify_all()
 
     async def stats(self) -> dict:
-        return {**self.core.stats(), "incarnation": self.incarnation}
+        out = self.core.stats()
+        if self.rows == "object_store":  # bytes: of the rows held, wherever they are
+            ids, counts = np.unique(self.core.table.column("_ref").to_numpy(), return_counts=True)
+            out["actor_bytes"] = out["bytes"]
+            out["bytes"] = float(sum(self.ref_row_bytes[i] * c for i, c in zip(ids.tolist(), counts.tolist())))
+        # cpu_s: this actor process's CPU time (all its threads, Ray's deserialisation included)
+        return {**out, "rows": self.rows, "incarnation": self.incarnation, "cpu_s": time.process_time()}
 
     async def save(self, path: str) -> int:
         async with self.changed:
-            return self.core.save(path)
+            if self.rows == "actor":
+                return self.core.save(path)
+            full = BufferCore(self.core.capacity, self.core.max_policy_lag, self.core.sampling)
+            full.table = await self._materialize(self.core.table)  # the same file as in 'actor' mode
+            full.versions, full.uses, full.request_ids = self.core.versions, self.core.uses, self.core.request_ids
+            for k in BufferCore._COUNTERS:
+                setattr(full, k, getattr(self.core, k))
+            return full.save(path)
 
     async def load(self, path: str) -> int:
         async with self.changed:
-            n = self.core.load(path)
+            if self.rows == "actor":
+                n = self.core.load(path)
+            else:
+                import ray
+
+                full = BufferCore(self.core.capacity, self.core.max_policy_lag, self.core.sampling)
+                n = full.load(path)
+                self.refs.clear()
+                self.ref_row_bytes.clear()
+                t = full.table
+                self.core.table = (self._stub(ray.put(t), t.column("prompt_id").to_pylist(),
+                                              t.column("policy_version").to_pylist(), t.nbytes)
+                                   if n else STUB_SCHEMA.empty_table())
+                self.core.versions, self.core.uses, self.core.request_ids = full.versions, full.uses, full.request_ids
+                for k in BufferCore._COUNTERS:
+                    setattr(self.core, k, getattr(full, k))
             self.version = 0  # the loader sets the version that goes with these rows
             self.changed.notify_all()
             return n
@@ -294,15 +440,16 @@ class ReplayBuffer:
     async def reset(self) -> None:
         """Empty, as just created (counters, request ids and version too): the run went back to step 0."""
         async with self.changed:
-            core = self.core
-            self.core = BufferCore(core.capacity, core.max_policy_lag, core.sampling)
-            self.core.rng = core.rng
+            self.core = self._new_core(self.core)
+            self.refs.clear()
+            self.ref_row_bytes.clear()
             self.version = 0
             self.changed.notify_all()
 
     async def clear(self) -> int:
         async with self.changed:
             n = self.core.clear()
+            self._prune()
             self.changed.notify_all()
             return n
 

@@ -98,6 +98,16 @@ class TeacherWorker:
         self.busy_s += time.perf_counter() - t
         return table
 
+    def make_pairs_split(self, requests: list[dict], student: list[Generation] | None,
+                         needs: dict | None = None) -> tuple[dict, pa.Table]:
+        """``make_pairs`` as two objects (call with ``num_returns=2``): what the replay buffer keeps
+        of each row in ``buffer.rows=object_store`` mode (prompt ids, policy versions, the table's
+        bytes), and the rows themselves, which then stay in this node's object store."""
+        table = self.make_pairs(requests, student, needs)
+        meta = {"prompt_id": table.column("prompt_id").to_pylist(),
+                "policy_version": table.column("policy_version").to_pylist(), "nbytes": table.nbytes}
+        return meta, table
+
     def generate(self, requests: list[dict], greedy: bool = True, max_new_tokens: int | None = None,
                  seed: int | None = None) -> list[Generation]:
         """The teacher's own answers to the student-side (unprimed) prompts: the reference score of a
@@ -144,24 +154,29 @@ class TeacherPool:
         return [w.ready.remote() for w in self.workers]
 
     def submit(self, requests: list[dict], student_ref, avoid: int | None = None,
-               needs: dict | None = None) -> ray.ObjectRef:
+               needs: dict | None = None, split: bool = False):
         """``student_ref``: the sampler's ObjectRef (Ray resolves it before the teacher runs), or None
         for offline rows. ``avoid``: a replica not to use (one that just failed) if there is another.
-        ``needs``: what the loss reads (see ``TeacherWorker.make_pairs``)."""
+        ``needs``: what the loss reads (see ``TeacherWorker.make_pairs``). Returns the rows' ref, or
+        with ``split`` a tuple ``(meta ref, rows ref)`` (``TeacherWorker.make_pairs_split``)."""
         while True:
             choices = [i for i in self.active if i != avoid] or self.active
             i = min(choices, key=self.in_flight.__getitem__)
             if lifecycle.is_alive(self.workers[i]) or lifecycle.replaceable(self.workers[i]):
                 break
             self.retire(i)  # a request to it would wait forever for a node that is gone
-        ref = self.workers[i].make_pairs.remote(requests, student_ref, needs)
+        if split:
+            ref = tuple(self.workers[i].make_pairs_split.options(num_returns=2).remote(requests, student_ref, needs))
+        else:
+            ref = self.workers[i].make_pairs.remote(requests, student_ref, needs)
         self.in_flight[i] += 1
-        self._owner[ref] = i
+        self._owner[ref[0] if split else ref] = i
         return ref
 
-    def done(self, ref: ray.ObjectRef) -> int | None:
-        """Forget a finished (or failed) request; returns the replica that had it."""
-        i = self._owner.pop(ref, None)
+    def done(self, ref) -> int | None:
+        """Forget a finished (or failed) request (its ref, or ``submit``'s tuple); returns the
+        replica that had it."""
+        i = self._owner.pop(ref[0] if isinstance(ref, tuple) else ref, None)
         if i is not None:
             self.in_flight[i] -= 1
         return i

@@ -26,6 +26,9 @@ def engine_opts(ecfg, cfg: Config, max_new_tokens: int) -> dict:
         "max_logprobs": max(cfg.teacher.top_k_logprobs, 1),
         "max_model_len": cfg.data.max_prompt_tokens + max_new_tokens + 8,
         "seed": cfg.run.seed,
+        # backend 'simulated' only (the others ignore it): a measuring instrument, see docs/scaling.md
+        "simulated": {"tokens_per_s": ecfg.simulated.tokens_per_s, "latency_s": ecfg.simulated.latency_s,
+                      "score_tokens_per_s": ecfg.simulated.score_tokens_per_s},
     }
 
 
@@ -217,10 +220,16 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
     from actors.teacher_pool import TeacherPool
 
     b, t, s = cfg.buffer, cfg.teacher, cfg.sampler
+    simulated = [r for r, e in (("teacher", t.engine), ("sampler", s.engine)) if e.backend == "simulated"]
+    if simulated:
+        import sys
+
+        print(f"raykd: {' and '.join(simulated)} engine backend 'simulated': no model, random tokens "
+              "(a measuring instrument for the orchestration, docs/scaling.md)", file=sys.stderr)
     # Ray restarts a dead buffer (empty); the driver reloads it from the last checkpoint
     buffer = ray.remote(ReplayBuffer).options(name="replay-buffer", num_cpus=0, max_concurrency=64,
                                               max_restarts=-1).remote(
-        b.capacity, b.max_policy_lag, b.sampling, cfg.run.seed)
+        b.capacity, b.max_policy_lag, b.sampling, cfg.run.seed, b.rows)
     teachers = TeacherPool(
         t.num_replicas,
         actor_options(t.engine),

@@ -75,14 +75,27 @@ class PrimingConfig:
 
 
 @dataclass
+class SimulatedEngineConfig:
+    """``backend: simulated`` only: no model, outputs of the configured shapes after this delay (a
+    measuring instrument for the orchestration: docs/scaling.md)."""
+
+    tokens_per_s: float = 2000.0  # one replica's generation rate, over a whole call's batch
+    score_tokens_per_s: float = 20000.0  # one replica's teacher-forced scoring rate
+    latency_s: float = 0.05  # fixed cost per call
+
+
+@dataclass
 class EngineConfig:
-    backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM wherever it is installed
+    # auto: vLLM wherever it is installed. simulated: no model (random tokens of realistic shapes and
+    # timing, docs/scaling.md); never a default, never what auto picks
+    backend: Literal["auto", "hf", "vllm", "simulated"] = "auto"
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources (node types)
     torch_threads: int = 1  # CPU threads of the engine (vLLM on CPU too)
     kv_cache_gb: float = 0.5  # vLLM on CPU: KV-cache size (GPU: gpu_memory_utilization)
     gpu_memory_utilization: float = 0.5  # vLLM on GPU
+    simulated: SimulatedEngineConfig = field(default_factory=SimulatedEngineConfig)
 
 
 @dataclass
@@ -112,6 +125,9 @@ class BufferConfig:
     max_policy_lag: int = 2
     sampling: Literal["fifo", "uniform"] = "fifo"
     min_size_to_train: int = 8
+    # actor: rows pass through the replay-buffer actor; object_store: they stay where the teachers
+    # put them, the actor keeps a stub per row and learners fetch the rows (docs/scaling.md)
+    rows: Literal["actor", "object_store"] = "actor"
 
 
 @dataclass
@@ -393,6 +409,10 @@ def validate(cfg: Config) -> Config:
     for role in ("teacher", "sampler"):
         v = getattr(cfg, role).engine.gpu_memory_utilization
         _check(0 < v <= 1, f"{role}.engine.gpu_memory_utilization", v, "must be in (0, 1]")
+        sim = getattr(cfg, role).engine.simulated
+        for key in ("tokens_per_s", "score_tokens_per_s"):
+            _check(getattr(sim, key) > 0, f"{role}.engine.simulated.{key}", getattr(sim, key), "must be > 0")
+        _check(sim.latency_s >= 0, f"{role}.engine.simulated.latency_s", sim.latency_s, "must be >= 0")
     _check(0 < cfg.teacher.top_p <= 1, "teacher.top_p", cfg.teacher.top_p, "must be in (0, 1]")
     _check(0 < cfg.sampler.top_p <= 1, "sampler.top_p", cfg.sampler.top_p, "must be in (0, 1]")
     _check(cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", cfg.learner.zero_stage,

@@ -60,6 +60,7 @@ class OnlineProducer:
         # what the phase's loss reads (kd.objective.loss_needs): no sampler call for a loss that never
         # reads y_s, no teacher generation for one that never reads y_t
         self.needs = needs or {"y_t": True, "y_s": True, "teacher_scores_y_s": True}
+        self.split = cfg.buffer.rows == "object_store"  # rows stay where the teacher put them
         self.in_flight: dict = {}  # add ref -> request (dict: sampler, gen, pair, epoch, reqs, seed)
         self.per_sampler = [0] * len(actors.samplers)
         self.sent = 0
@@ -79,15 +80,18 @@ class OnlineProducer:
     def _send(self, req: dict, gen=None, avoid_teacher: int | None = None) -> None:
         if gen is None and self.needs["y_s"]:
             gen = self.actors.samplers[req["sampler"]].generate.remote(req["reqs"], seed=req["seed"])
-        pair = self.actors.teachers.submit(req["reqs"], gen, avoid=avoid_teacher, needs=self.needs)
+        pair = self.actors.teachers.submit(req["reqs"], gen, avoid=avoid_teacher, needs=self.needs, split=self.split)
         self._add(req, gen, pair)
 
     def _add(self, req: dict, gen, pair) -> None:
         generation = self.guard.generation if self.guard else 0
         # one id per request (no prompt repeats within an epoch): the buffer drops a re-sent duplicate
         request_id = f"{req['epoch']}:" + ",".join(r["prompt_id"] for r in req["reqs"])
-        self.in_flight[self.actors.buffer.add.remote(pair, None, request_id)] = {
-            **req, "gen": gen, "pair": pair, "buffer_generation": generation}
+        if isinstance(pair, tuple):  # (meta, rows): the buffer gets the rows' ref, not the rows
+            add = self.actors.buffer.add_ref.remote(pair[0], [pair[1]], None, request_id)
+        else:
+            add = self.actors.buffer.add.remote(pair, None, request_id)
+        self.in_flight[add] = {**req, "gen": gen, "pair": pair, "buffer_generation": generation}
 
     def pending(self) -> list:
         return list(self.in_flight)
@@ -117,7 +121,7 @@ class OnlineProducer:
             self._send(req)
             return
         try:
-            ray.get(req["pair"])
+            ray.get(req["pair"][0] if isinstance(req["pair"], tuple) else req["pair"])
         except ray.exceptions.RayActorError:
             pass
         else:  # sampler and teacher answered: the buffer died

@@ -1,4 +1,5 @@
-"""Inference backends behind one interface (``base.Engine``): the HF reference and vLLM."""
+"""Inference backends behind one interface (``base.Engine``): the HF reference and vLLM, plus
+``simulated`` (no model: a measuring instrument for the orchestration, see ``simulated.py``)."""
 
 from __future__ import annotations
 
@@ -33,4 +34,9 @@ def make_engine(backend: str, model_path: str, **opts) -> Engine:
         from actors.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_path, **opts)
-    raise ValueError(f"unknown engine backend {backend!r}: expected 'hf', 'vllm' or 'auto'")
+    if backend == "simulated":  # never chosen by 'auto': only when a config names it
+        from actors.engines.simulated import SimulatedEngine
+
+        sim = opts.get("simulated") or {}
+        return SimulatedEngine(model_path, seed=opts.get("seed", 0), **sim)
+    raise ValueError(f"unknown engine backend {backend!r}: expected 'hf', 'vllm', 'simulated' or 'auto'")
