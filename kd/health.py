@@ -82,13 +82,14 @@ def token_health(logits: torch.Tensor, mask: torch.Tensor, topk_ids: torch.Tenso
     for lo in range(0, len(pos), _CHUNK):
         x = flat[pos[lo:lo + _CHUNK]].float()
         logq = x.log_softmax(-1)
-        entropy += float(-(logq.exp() * logq).sum(-1).sum())
+        # -sum_v q log q as one batched dot product per position (no [chunk, V] product temporary)
+        entropy -= float(torch.bmm(logq.exp().unsqueeze(1), logq.unsqueeze(2)).sum())
         if has_topk:
             m = tmask[lo:lo + _CHUNK]
             if not bool(m.any()):
                 continue
             ids = t_ids[lo:lo + _CHUNK][m]
-            s_top = x[m].topk(min(k, V), dim=-1).indices
+            s_top = (x if bool(m.all()) else x[m]).topk(min(k, V), dim=-1).indices
             agree += float((s_top[:, 0] == t_top1[lo:lo + _CHUNK][m]).sum())
             overlap += float((s_top.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1).sum()) / k
             n_topk += int(m.sum())
