@@ -272,13 +272,23 @@ def _sampler_join(sampler, host: str, port: int, rank: int, world_size: int, bac
     return rank
 
 
-def _sampler_receive(sampler, meta: list, plan: list, version: int) -> int:
+def _sampler_receive(sampler, meta: list, plan: list, version: int) -> tuple[int, float]:
+    """(version, seconds this sampler spent receiving and loading the weights)."""
+    t = time.perf_counter()
     engine = sampler.engine
     receive_buckets(sampler._raykd_weight_group, meta, plan, bucket_loader(engine))
     if hasattr(engine, "llm"):
         engine.llm.reset_prefix_cache()  # its KV was computed by the old weights
     engine.version = version
-    return version
+    return version, time.perf_counter() - t
+
+
+def _sampler_fetch_and_load(sampler, weights: list, version: int) -> tuple[int, float]:
+    """(version, seconds this sampler spent fetching the weights from the object store and loading
+    them): the ref travels inside a list, so the fetch happens (and is timed) here, not before the call."""
+    t = time.perf_counter()
+    sampler.update_weights(ray.get(weights[0]), version)
+    return version, time.perf_counter() - t
 
 
 # -- the driver side ------------------------------------------------------------------------------
@@ -300,7 +310,6 @@ class WeightSync:
         self.pending: list[ray.ObjectRef] = []
         self.learner_pending: list[ray.ObjectRef] = []
         self.resends: list[ray.ObjectRef] = []  # resend_to's updates (not timed as a sync)
-        self.started = 0.0
         self.last_seconds = 0.0
         self._plan = None
         self._last: tuple | None = None  # (weights ref or None, version) of the last push
@@ -308,11 +317,10 @@ class WeightSync:
     def push(self, version: int) -> None:
         """Start pushing the learner's current weights as ``version`` (returns at once)."""
         self.wait()
-        self.started = time.perf_counter()
         if self.mode == "object_store":
             weights = self.group.weights_ref()
             self._last = (weights, version)  # kept (one copy in the object store) for resend_to
-            self.pending = [s.update_weights.remote(weights, version) for s in self.samplers]
+            self.pending = [s.__ray_call__.remote(_sampler_fetch_and_load, [weights], version) for s in self.samplers]
             return
         self._last = (None, version)
         meta, plan = self._setup_broadcast()
@@ -353,14 +361,18 @@ class WeightSync:
             if self.mode != "object_store" or self._last is None:
                 raise
             wait_alive(self.samplers[index])
-            return ray.get(self.samplers[index].update_weights.remote(*self._last))
+            weights, version = self._last
+            return ray.get(self.samplers[index].__ray_call__.remote(_sampler_fetch_and_load, [weights], version))
 
     def wait(self) -> float:
-        """Block until the last push reached every sampler; its duration in seconds."""
+        """Block until the last push reached every sampler. Returns what the sync itself cost: the
+        slowest sampler's seconds fetching (object store) or receiving (broadcast) the weights and
+        loading them, not the time the push waited in a sampler's queue behind a generation."""
         if self.pending:
-            versions = [self._get_or_resend(i, ref) for i, ref in enumerate(self.pending)]
+            answers = [self._get_or_resend(i, ref) for i, ref in enumerate(self.pending)]
             ray.get(self.learner_pending)
-            self.last_seconds = time.perf_counter() - self.started
+            versions = [v for v, _ in answers]
+            self.last_seconds = max(seconds for _, seconds in answers)
             self.pending, self.learner_pending = [], []
             if len(set(versions)) != 1:
                 raise RuntimeError(f"samplers report different versions after a sync: {versions}")

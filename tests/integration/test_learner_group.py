@@ -3,6 +3,7 @@ accumulation, ZeRO-3, checkpoints and resume, LoRA, and both weight-sync transpo
 
 import math
 import random
+import time
 
 import pyarrow as pa
 import pytest
@@ -176,8 +177,13 @@ def test_zero3_two_ranks_matches_one_and_syncs_both_ways(tiny_models, tmp_path):
         return ray.get(s.__ray_call__.remote(lambda self: self.engine.model.state_dict()))
 
     sync = WeightSync(z3, samplers)  # object store
+    ray.get([s.ready.remote() for s in samplers])
+    samplers[0].__ray_call__.remote(lambda self: time.sleep(2.0))  # as a generation ahead in its queue
+    t0 = time.perf_counter()
     sync.push(1)
-    sync.wait()
+    seconds = sync.wait()
+    # what the sync itself cost (fetch + load), not the 2 s the push waited behind the sampler's queue
+    assert time.perf_counter() - t0 >= 2.0 > seconds > 0
     for s in samplers:
         assert max_diff({k: v for k, v in sampler_state(s).items() if k in w_z3}, w_z3) == 0.0
     # a sampler restarted by Ray is back on its initial weights: resend_to gives it the last push
