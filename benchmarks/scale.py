@@ -167,9 +167,14 @@ class Poller:
 
     def window(self, first: int, last: int):
         """The samples from the first with >= ``first`` rows inserted to the first with >= ``last``."""
-        a = next(x for x in self.samples if x[3] >= first)
-        b = next((x for x in self.samples if x[3] >= last), self.samples[-1])
-        return a, b
+        if len(self.samples) < 2:
+            raise RuntimeError(f"the poller took {len(self.samples)} sample(s) during the run: no window to measure")
+        end = len(self.samples) - 1
+        i = next((j for j, x in enumerate(self.samples) if x[3] >= first), end)
+        k = next((j for j, x in enumerate(self.samples) if x[3] >= last), end)
+        if k <= i:  # no sample between them (a loaded machine polls late): widen to the nearest ones
+            i, k = min(i, end - 1), end
+        return self.samples[i], self.samples[k]
 
 
 def run_point(args, models, root, replicas, learners, variant, weights_bytes: int) -> dict:
