@@ -152,7 +152,7 @@ class Scorer:
         from driver.evaluate import HELD_OUT_SEED, Example, encode_prompts, load_examples
         from kd.metrics import extract_answer
 
-        self.tok, self.teacher = tokenizer, teacher_path
+        self.tok, self.teacher, self.reference = tokenizer, teacher_path, None
         self.sets = {"synth": load_examples("synthetic_math", limit=limit, seed=HELD_OUT_SEED)}
         if gsm8k:
             lines = [ln for ln in Path(gsm8k).read_text().splitlines() if ln.strip()][-gsm8k_limit:]
@@ -164,7 +164,7 @@ class Scorer:
 
     def score(self, model_dir: str, max_new_tokens: int, kl: bool = True) -> dict:
         from actors.engines import SamplingParams, make_engine
-        from driver.evaluate import evaluate, teacher_student_kl
+        from driver.evaluate import TeacherReference, evaluate
 
         engine = make_engine("hf", model_dir)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
@@ -180,7 +180,9 @@ class Scorer:
             prompts += self.prompts[name]
             conts += [self.tok.encode(ex.reference, add_special_tokens=False) for ex in examples]
         if kl:
-            k = teacher_student_kl(self.teacher, model_dir, prompts, conts)
+            if self.reference is None:  # the teacher's side of every KL, computed once for all students
+                self.reference = TeacherReference(self.teacher, prompts, conts)
+            k = self.reference.kl(model_dir)
             out.update(kl_teacher_student=k["kl_teacher_student"], kl_student_teacher=k["kl_student_teacher"])
         return out
 

@@ -187,31 +187,66 @@ def teacher_student_kl(teacher_path: str, student_path: str, prompts: list[list[
     """Token means of ``KL(p_teacher || q_student)`` and ``KL(q_student || p_teacher)`` over
     ``continuations`` teacher-forced after ``prompts``, from both models' full logits:
     ``{"kl_teacher_student": nats/token, "kl_student_teacher": nats/token, "kl_tokens": n}``."""
+    return TeacherReference(teacher_path, prompts, continuations, progress).kl(student_path, progress)
+
+
+class TeacherReference:
+    """The teacher's full-vocabulary log-probs on fixed (prompt, continuation) pairs, computed once, so
+    that scoring many students against the same teacher costs one student forward each (the method
+    benchmark scores dozens). Holds ``tokens x vocab`` fp32 values (about 1 GB for 5k tokens of a
+    49k vocabulary)."""
+
+    def __init__(self, teacher_path: str, prompts: list[list[int]], continuations: list[list[int]],
+                 progress: bool = False):
+        import torch
+
+        self.pairs = [(p, c) for p, c in zip(prompts, continuations) if c]
+        teacher = _load_eval_model(teacher_path)
+        with torch.no_grad():
+            self.logps = [torch.log_softmax(_continuation_logits(teacher, p, c).float(), -1)
+                          for p, c in _maybe_progress(self.pairs, progress, "teacher")]
+        del teacher
+
+    def kl(self, student_path: str, progress: bool = False) -> dict:
+        import torch
+
+        from kd.metrics import token_kl
+
+        student = _load_eval_model(student_path)
+        total, reverse, count = 0.0, 0.0, 0
+        with torch.no_grad():
+            for t, (prompt, cont) in zip(self.logps, _maybe_progress(self.pairs, progress, "kl")):
+                s = _continuation_logits(student, prompt, cont)
+                vocab = min(t.shape[-1], s.shape[-1])  # embeddings may be padded past the tokenizer
+                total += float(token_kl(t[:, :vocab], s[:, :vocab]).sum())
+                reverse += float(token_kl(s[:, :vocab], t[:, :vocab]).sum())  # the student as reference
+                count += len(cont)
+        return {"kl_teacher_student": total / count if count else None,
+                "kl_student_teacher": reverse / count if count else None, "kl_tokens": count}
+
+
+def _load_eval_model(path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kd.metrics import token_kl
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, **hf_kwargs()).to(device).eval()
-              for p in (teacher_path, student_path)]
-    total, reverse, count = 0.0, 0.0, 0
-    pairs = [(p, c) for p, c in zip(prompts, continuations) if c]
-    if progress:
-        from tqdm import tqdm
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **hf_kwargs()).to(device).eval()
 
-        pairs = tqdm(pairs, desc="kl", unit="example", dynamic_ncols=True)
-    with torch.no_grad():
-        for prompt, cont in pairs:
-            ids = torch.tensor([prompt + cont], device=device)
-            # positions len(prompt)-1 ... predict the continuation's tokens
-            t, s = (m(input_ids=ids).logits[0, len(prompt) - 1:-1] for m in models)
-            vocab = min(t.shape[-1], s.shape[-1])  # embeddings may be padded past the tokenizer
-            total += float(token_kl(t[:, :vocab], s[:, :vocab]).sum())
-            reverse += float(token_kl(s[:, :vocab], t[:, :vocab]).sum())  # the student as reference
-            count += len(cont)
-    return {"kl_teacher_student": total / count if count else None,
-            "kl_student_teacher": reverse / count if count else None, "kl_tokens": count}
+
+def _continuation_logits(model, prompt: list[int], cont: list[int]):
+    """Logits at positions len(prompt)-1 ... that predict ``cont``'s tokens, on the CPU."""
+    import torch
+
+    ids = torch.tensor([prompt + cont], device=model.device)
+    return model(input_ids=ids).logits[0, len(prompt) - 1:-1].cpu()
+
+
+def _maybe_progress(items, progress: bool, desc: str):
+    if not progress:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="example", dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------------------------------
