@@ -46,8 +46,8 @@ def base_config(tiny: dict | None) -> dict:
     cfg = {
         "models": {"teacher": "smollm2-135m-instruct", "student_keep_layers": [0, 7, 14, 21, 29]},
         "data": {"source": "synthetic_math", "num_prompts": 128, "max_prompt_tokens": 128},
-        "teacher": {"max_new_tokens": 96, "top_k_logprobs": 8, "temperature": 0.7},
-        "sampler": {"max_new_tokens": 64, "prompts_per_request": 8},
+        "teacher": {"max_new_tokens": 64, "top_k_logprobs": 8, "temperature": 0.7},
+        "sampler": {"max_new_tokens": 48, "prompts_per_request": 8},
         "buffer": {"capacity": 256},
         "learner": {"batch_size": 8, "lr": 3.0e-4, "warmup_steps": 4},
         "sync": {"every_steps": 2},
@@ -253,16 +253,23 @@ COLUMNS = [("synth_exact_match", "synth EM"), ("synth_rouge_l", "synth Rouge-L")
            ("wall_s", "wall s"), ("teacher_tokens", "teacher tokens")]
 
 
-SETTING = (
-    "Setting: teacher SmolLM2-135M-Instruct; student its 5-layer truncation (layers 0, 7, 14, 21, 29; "
-    "about 46M parameters); training prompts from the built-in synthetic math generator. Every method: "
-    "the same samples (steps x batch), learning rate 3e-4 with 4 warm-up steps, AdamW, each loss with its "
-    "method defaults (docs/losses.md; DPKD beta 0.1 with 0.5 CE on y_t). Offline methods cycle over one "
-    "teacher dataset per seed (128 answers of at most 96 tokens; y_s at most 64), whose generation is charged to each "
-    "of them; dpkd_token runs on those offline rows. Held out: synthetic problems of another generator "
-    "seed ('synth') and the last questions of the GSM8K training file ('GSM8K'), neither trained on; "
-    "greedy answers of at most 128 tokens; KL teacher-forced on the held-out reference solutions, full "
-    "vocabulary, nats/token. 'initial' is the truncated student before any training.")
+def setting(base: dict) -> str:
+    """The benchmark's setting in words, from the config every method shares."""
+    t, smp, ln = base["teacher"], base["sampler"], base["learner"]
+    layers = base["models"].get("student_keep_layers")
+    student = (f"its {len(layers)}-layer truncation (layers {', '.join(map(str, layers))})" if layers
+               else "a random tiny model")
+    return (
+        f"Setting: teacher SmolLM2-135M-Instruct; student {student}; training prompts from the built-in "
+        f"synthetic math generator. Every method: the same samples (steps x batch), learning rate {ln['lr']:g} "
+        f"with {ln['warmup_steps']} warm-up steps, AdamW, each loss with its method defaults (docs/losses.md). "
+        f"Offline methods cycle over one teacher dataset per seed ({base['data']['num_prompts']} answers of at "
+        f"most {t['max_new_tokens']} tokens at temperature {t['temperature']:g}), whose generation is charged to "
+        f"each of them; online methods' teacher answers have the same length, the student's samples at most "
+        f"{smp['max_new_tokens']} tokens; dpkd_token runs on the offline rows. Held out: synthetic problems of "
+        "another generator seed ('synth') and the last questions of the GSM8K training file ('GSM8K'), "
+        "neither trained on; greedy answers; KL teacher-forced on the held-out reference solutions, full "
+        "vocabulary, nats/token. 'initial' is the truncated student before any training.")
 
 
 def summarize(results: list[dict]) -> dict[str, dict]:
@@ -298,8 +305,10 @@ def write_report(results: list[dict], teacher: dict, args, out: Path) -> None:
     lines = ["# Method benchmark (benchmarks/quality.py)", "",
              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
              f"Ran {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores; {args.steps} steps x batch "
-             f"{8 if not args.tiny else 4} per method; seeds {args.seeds}. Mean ± sample std over seeds.", "",
-             SETTING, "",
+             f"{8 if not args.tiny else 4} per method; seeds {args.seeds}; held-out answers of at most "
+             f"{args.max_new_tokens} tokens, {args.limit} synthetic and {args.gsm8k_limit if args.gsm8k else 0} "
+             "GSM8K problems. Mean ± sample std over seeds.", "",
+             setting(base_config(None) if not args.tiny else base_config({"teacher": "t", "student": "s"})), "",
              "| method | seeds | " + " | ".join(h for _, h in shown) + " |",
              "|---|---|" + "---|" * len(shown)]
     digits = {"wall_s": 0, "teacher_tokens": 0}
@@ -329,7 +338,7 @@ def write_report(results: list[dict], teacher: dict, args, out: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=16, help="training steps per method (x batch 8 samples)")
+    ap.add_argument("--steps", type=int, default=12, help="training steps per method (x batch 8 samples)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the grid")
     ap.add_argument("--quick", action="store_true", help=f"methods {', '.join(QUICK)}; seed 0; 8 steps")
     ap.add_argument("--gsm8k", default=None, help="a GSM8K JSONL file: also score on its last questions")
