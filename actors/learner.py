@@ -150,6 +150,11 @@ class Learner:
 
         return ray.get_runtime_context().get_node_id()
 
+    def set_threads(self, n: int) -> int:
+        """CPU threads of this rank's torch from now on (a phase whose engines idle may use more)."""
+        torch.set_num_threads(n)
+        return torch.get_num_threads()
+
     def info(self) -> dict:
         """What this rank runs: for tests and the run's log."""
         params = list(self.engine.module.parameters())
@@ -229,7 +234,7 @@ class Learner:
         metrics = self._reduce_metrics(sums, summed)
         versions = [v for v in table.column("policy_version").to_pylist() if v >= 0]
         metrics.update(lr=self._lr(), grad_norm=_grad_norm(self.engine, grad_norm),
-                       train_step_s=time.perf_counter() - t,
+                       train_step_s=time.perf_counter() - t, learner_threads=torch.get_num_threads(),
                        batch_policy_version=sum(versions) / len(versions) if versions else 0.0)
         return metrics
 

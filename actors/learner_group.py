@@ -149,6 +149,10 @@ class LearnerGroup:
         group's); returns rank 0's metrics ref (all ranks step together)."""
         return self._all("train_step", batch_ref, loss_cfg)[0]
 
+    def set_threads(self, n: int) -> list[int]:
+        """Every rank's torch CPU threads from now on; returns each rank's count."""
+        return ray.get(self._all("set_threads", n))
+
     def weights_ref(self) -> ray.ObjectRef:
         """Rank 0's full state dict, left in the object store (every rank joins the gather)."""
         return self._all("get_weights")[0]

@@ -145,6 +145,9 @@ class LearnerConfig:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources (node types)
     torch_threads: int = 1
+    # threads during offline phases, when no teacher or sampler is working (0: torch_threads); on a
+    # machine the actors share, the cores the idle engines leave
+    offline_torch_threads: int = 0
     zero_stage: int = 0
     batch_size: int = 8
     lr: float = 5e-5
@@ -387,6 +390,7 @@ def validate(cfg: Config) -> Config:
     non_negative = {
         "buffer.max_policy_lag": cfg.buffer.max_policy_lag,
         "learner.warmup_steps": cfg.learner.warmup_steps,
+        "learner.offline_torch_threads": cfg.learner.offline_torch_threads,
         "learner.max_restarts": cfg.learner.max_restarts,
         "learner.weight_decay": cfg.learner.weight_decay,
         "learner.num_cpus": cfg.learner.num_cpus,

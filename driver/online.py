@@ -254,6 +254,7 @@ class Trainer:
         every = self.cfg.checkpoint.every_steps
         while self.phase_index < len(self.phases):
             phase = self.phases[self.phase_index]
+            self.actors.learners.set_threads(self._learner_threads(phase))
             producer = self._producer(phase)
             try:
                 while self.phase_step < phase.steps:
@@ -283,6 +284,12 @@ class Trainer:
         if not (every and self.step % every == 0):
             self.save_checkpoint(Drained())
         return self._summary()
+
+    def _learner_threads(self, phase: PhaseConfig) -> int:
+        """An offline phase reads rows from disk: no teacher or sampler works, so the learner may
+        take the cores they leave (``learner.offline_torch_threads``)."""
+        lcfg = self.cfg.learner
+        return lcfg.offline_torch_threads if phase.kind == "offline" and lcfg.offline_torch_threads else lcfg.torch_threads
 
     def _lost_actors(self) -> dict[str, str]:
         """Teachers and samplers that cannot come back (their node is gone): name -> why. The others

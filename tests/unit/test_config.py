@@ -44,6 +44,7 @@ def test_int_field_accepts_int_float_field_accepts_int(tmp_path):
         ({}, ["loss.type=kl"], "loss.type='kl': must be one of dpkd"),
         ({}, ["priming.strategy=shout"], "priming.strategy='shout': must be one of none"),
         ({}, ["learner.zero_stage=4"], "learner.zero_stage=4"),
+        ({}, ["learner.offline_torch_threads=-1"], "learner.offline_torch_threads=-1: must be >= 0"),
         ({}, ["learner.lr=.nan"], "learner.lr=nan: must be a finite number"),
         ({}, ["engine=1"], "engine: unknown key"),
         ({}, ["run.name=../../etc"], "run.name='../../etc': letters, digits"),
