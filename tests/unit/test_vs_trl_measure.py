@@ -1,0 +1,48 @@
+"""The measuring parts of benchmarks/vs_trl.py: the steady-state rate and a process tree's peak memory."""
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _vs_trl():
+    spec = importlib.util.spec_from_file_location("vs_trl", ROOT / "benchmarks" / "vs_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steady_rate_leaves_out_the_first_steps():
+    vs = _vs_trl()
+    # step ends at 10 s (start-up), then one step every 2 s: 4 samples per 2 s after the first step
+    times = [10.0, 12.0, 14.0, 16.0, 18.0]
+    assert vs.steady_samples_per_s(times, 4, 1) == pytest.approx(4 * 4 / 8.0)
+    assert vs.steady_samples_per_s(times, 4, 3) == pytest.approx(4 * 2 / 4.0)
+    with pytest.raises(SystemExit):
+        vs.steady_samples_per_s([3.0], 4, 1)
+
+
+def test_tree_memory_sums_a_process_and_its_grandchild():
+    vs = _vs_trl()
+    mb = 300
+    # the grandchild holds `mb` MB (written, so resident); its parent is a plain sleeping Python
+    grandchild = f"b = bytearray({mb} * 2**20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(4)"
+    child = textwrap.dedent(f"""
+        import subprocess, sys
+        subprocess.run([sys.executable, "-c", {grandchild!r}])
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    mem = vs.TreeMemory(proc.pid, interval=0.1, pss_every=5)
+    proc.wait()
+    time.sleep(0.2)
+    peak = mem.stop()
+    # more than the grandchild's buffer: two interpreters on top of it
+    assert peak["peak_rss_mb"] > mb + 5
+    assert mb < peak["peak_pss_mb"] <= peak["peak_rss_mb"]
