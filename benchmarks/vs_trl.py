@@ -191,6 +191,7 @@ def trl_worker(spec_file: Path, out: Path) -> None:
         temperature=job["temperature"], max_new_tokens=job["max_new_tokens"], seed=spec["seed"],
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False,
         dataloader_num_workers=0, disable_tqdm=True)
+
     class TokenMeanGKDTrainer(GKDTrainer):
         """GKD's JSD as one token mean over the step's sampled tokens, as raykd's ``jsd``. Left alone,
         the Trainer divides the loss by the number of completion tokens of the *dataset* rows
@@ -201,8 +202,8 @@ def trl_worker(spec_file: Path, out: Path) -> None:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch=None)
 
-    trainer = TokenMeanGKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, callbacks=[StepTimes()])
+    trainer = TokenMeanGKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok,
+                                  train_dataset=Dataset.from_list(rows), callbacks=[StepTimes()])
     t0 = time.perf_counter()
     trainer.train()
     trainer.save_model(str(out / "final"))
