@@ -169,6 +169,8 @@ def trl_worker(spec_file: Path, out: Path) -> None:
     spec = json.loads(spec_file.read_text())
     job = spec["job"]
     torch.manual_seed(spec["seed"])
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     tok = AutoTokenizer.from_pretrained(spec["student"])
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -268,7 +270,8 @@ def run_tool(tool: str, i: int, args, job: dict, models: dict, prompts: list, wo
         out.mkdir(parents=True)
         spec = out / "spec.json"
         spec.write_text(json.dumps({"job": job, "teacher": models["teacher"], "student": models["student"],
-                                    "prompts": prompts, "steps": args.steps, "seed": args.seed + i}))
+                                    "prompts": prompts, "steps": args.steps, "seed": args.seed + i,
+                                    "threads": args.trl_threads}))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "trl", "--spec", str(spec),
                "--work", str(out)]
         measured = run_measured(cmd, work / f"{tool}-{i}.log", env)
@@ -329,6 +332,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=int, default=32, help="held-out problems for the KL")
     ap.add_argument("--heldout-tokens", type=int, default=128, help="reference-solution tokens scored per problem")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trl-threads", type=int, default=None,
+                    help="TRL's torch threads; default 0, torch's own (all cores); --tiny: 1")
     ap.add_argument("--work", default="runs/vs_trl", help="scratch directory (runs, logs, final students)")
     ap.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     ap.add_argument("--tiny", action="store_true", help="random tiny models, 4 steps, 1 run each (its test)")
@@ -343,13 +348,14 @@ def main(argv=None) -> int:
         import trl  # noqa: F401
     except ImportError:
         raise SystemExit("vs_trl: TRL is not installed; pip install -e '.[bench]'") from None
-    defaults = (1, 4, 1) if args.tiny else (2, 32, 4)
-    args.runs, args.steps, args.skip_steps = (d if v is None else v for v, d in
-                                              zip((args.runs, args.steps, args.skip_steps), defaults))
+    # --tiny: one TRL thread: on a loaded machine its tiny steps took 0.07 s with one thread, 3-5 s with two
+    defaults = (1, 4, 1, 1) if args.tiny else (2, 32, 4, 0)
+    given = (args.runs, args.steps, args.skip_steps, args.trl_threads)
+    args.runs, args.steps, args.skip_steps, args.trl_threads = (d if v is None else v for v, d in zip(given, defaults))
     if args.tiny:
         args.heldout, args.heldout_tokens = 4, 16
-    if args.runs < 1 or args.steps < 2 or not 1 <= args.skip_steps < args.steps:
-        raise SystemExit("vs_trl: need --runs >= 1, --steps >= 2 and 1 <= --skip-steps < --steps")
+    if args.runs < 1 or args.steps < 2 or not 1 <= args.skip_steps < args.steps or args.trl_threads < 0:
+        raise SystemExit("vs_trl: need --runs >= 1, --steps >= 2, 1 <= --skip-steps < --steps, --trl-threads >= 0")
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     job, models, prompts, heldout = prepare_job(args, work)
