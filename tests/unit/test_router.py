@@ -76,3 +76,11 @@ def test_rows_from_before_teacher_name_load_with_a_null_one():
     t = with_teacher_name(pa.Table.from_pylist([row], schema=old))
     assert t.column("teacher_name").to_pylist() == [None]
     assert with_teacher_name(t) is t
+
+
+def test_the_run_summary_shows_each_teachers_pairs_only_with_several():
+    from driver.monitoring import format_summary
+
+    text = format_summary({"pairs_added": 36, "pairs_by_teacher": {"math": 29, "code": 7}})
+    assert "pairs        36 added; by teacher: math 29, code 7" in text
+    assert "by teacher" not in format_summary({"pairs_added": 36, "pairs_by_teacher": {"default": 36}})
