@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors import metrics
-from kd.data import BUFFER_SCHEMA
+from kd.data import BUFFER_SCHEMA, with_teacher_name
 
 
 # a row held in the object store: its table (``RowRefs.refs[_ref]`` in the actor) and row there
@@ -206,7 +206,7 @@ class BufferCore:
         if "_uses" not in table.column_names or not meta:
             raise ValueError(f"{path}: not a raykd replay-buffer file")
         self.uses = table.column("_uses").to_numpy().astype(np.int64)
-        self.table = table.drop_columns(["_uses"]).replace_schema_metadata(None).cast(BUFFER_SCHEMA)
+        self.table = with_teacher_name(table.drop_columns(["_uses"]).replace_schema_metadata(None)).cast(BUFFER_SCHEMA)
         self.versions = self.table.column("policy_version").to_numpy().astype(np.int64)
         for k in self._COUNTERS:
             setattr(self, k, meta.get(k, 0))
@@ -231,7 +231,16 @@ class BufferCore:
             "duplicates_dropped": self.duplicates,
             "mean_policy_lag": self._lag_sum / self._lag_n if self._lag_n else 0.0,
             "bytes": self.table.nbytes,
+            "size_by_teacher": self._by_teacher(),
         }
+
+    def _by_teacher(self) -> dict[str, int]:
+        """Rows held per teacher pool (``teacher_name``; rows without one count under '')."""
+        if "teacher_name" not in self.table.column_names or not len(self):
+            return {}
+        names, counts = np.unique(np.asarray(self.table.column("teacher_name").fill_null("").to_pylist(), dtype=object),
+                                  return_counts=True)
+        return {str(n): int(c) for n, c in zip(names, counts)}
 
 
 class ReplayBuffer:

@@ -22,9 +22,11 @@ from kd.data import BUFFER_SCHEMA
 class TeacherWorker:
     """Ray actor: one teacher engine."""
 
+    name = "default"  # the teacher pool it belongs to (``teachers:``), written in each row's teacher_name
+
     def __init__(self, index: int, model_path: str, backend: str, engine_opts: dict, sampling: dict,
-                 top_k: int, score_with: str = "primed"):
-        self.index = index
+                 top_k: int, score_with: str = "primed", name: str = "default"):
+        self.index, self.name = index, name
         self.engine = make_engine(backend, model_path, **engine_opts)
         self.params = SamplingParams(**sampling, top_k_logprobs=top_k)
         self.top_k = top_k
@@ -37,14 +39,17 @@ class TeacherWorker:
         return True
 
     def make_pairs(self, requests: list[dict], student: list[Generation] | None,
-                   needs: dict | None = None) -> pa.Table:
+                   needs: dict | None = None, select: list[int] | None = None) -> pa.Table:
         """Rows for ``requests`` (dicts: prompt_id, prompt_ids, teacher_prompt_ids, priming,
         reference_answer). With the student's generations (same order) these are preference pairs;
         with ``student=None`` they are offline teacher rows (no y_s, ``policy_version`` -1).
 
         ``needs`` (``kd.objective.loss_needs`` of the loss these rows feed; default everything): the
         teacher generates y_t only if ``y_t`` is needed, and scores y_s only if ``teacher_scores_y_s``
-        is; what is not needed stays empty in the row (same schema)."""
+        is; what is not needed stays empty in the row (same schema). ``select``: the positions in
+        ``student`` of ``requests`` (a routed share of a sampler's batch; default all, in order)."""
+        if student is not None and select is not None:
+            student = [student[j] for j in select]
         if student is not None and len(requests) != len(student):
             raise ValueError(f"{len(requests)} requests but {len(student)} student generations")
         needs = needs or {"y_t": True, "teacher_scores_y_s": True}
@@ -88,6 +93,7 @@ class TeacherWorker:
                 "priming": [r.get("priming", "none") for r in requests],
                 "created_at": [time.time()] * n,
                 "reference_answer": [r.get("reference_answer") for r in requests],
+                "teacher_name": [self.name] * n,
             },
             schema=BUFFER_SCHEMA,
         )
@@ -117,7 +123,7 @@ class TeacherWorker:
         return self.engine.generate([r["prompt_ids"] for r in requests], params)
 
     def stats(self) -> dict:
-        return {"index": self.index, "pairs": self.pairs, "busy_s": self.busy_s,
+        return {"name": self.name, "index": self.index, "pairs": self.pairs, "busy_s": self.busy_s,
                 "generated_tokens": self.generated_tokens, "scored_tokens": self.scored_tokens}
 
 
@@ -127,9 +133,12 @@ class TeacherPool:
 
     def __init__(self, num_replicas: int, actor_options: dict, **worker_kwargs):
         remote = ray.remote(TeacherWorker)
+        name = worker_kwargs.get("name", "default")
+        prefix = "teacher" if name == "default" else f"teacher-{name}"
+        self.names = [f"{prefix}-{i}" for i in range(num_replicas)]  # the actors' names
         self.workers = [
             # Ray restarts a dead replica; the driver re-sends its failed requests (max_task_retries=0)
-            remote.options(name=f"teacher-{i}", max_restarts=-1, **actor_options).remote(i, **worker_kwargs)
+            remote.options(name=f"{prefix}-{i}", max_restarts=-1, **actor_options).remote(i, **worker_kwargs)
             for i in range(num_replicas)
         ]
         self.in_flight = [0] * num_replicas
@@ -154,7 +163,7 @@ class TeacherPool:
         return [w.ready.remote() for w in self.workers]
 
     def submit(self, requests: list[dict], student_ref, avoid: int | None = None,
-               needs: dict | None = None, split: bool = False):
+               needs: dict | None = None, split: bool = False, select: list[int] | None = None):
         """``student_ref``: the sampler's ObjectRef (Ray resolves it before the teacher runs), or None
         for offline rows. ``avoid``: a replica not to use (one that just failed) if there is another.
         ``needs``: what the loss reads (see ``TeacherWorker.make_pairs``). Returns the rows' ref, or
@@ -168,7 +177,7 @@ class TeacherPool:
         if split:
             ref = tuple(self.workers[i].make_pairs_split.options(num_returns=2).remote(requests, student_ref, needs))
         else:
-            ref = self.workers[i].make_pairs.remote(requests, student_ref, needs)
+            ref = self.workers[i].make_pairs.remote(requests, student_ref, needs, select)
         self.in_flight[i] += 1
         self._owner[ref[0] if split else ref] = i
         return ref
@@ -192,3 +201,50 @@ class TeacherPool:
             except ray.exceptions.RayActorError:  # restarting after a failure: no counts to give
                 out.append({"index": i, "unavailable": True})
         return out
+
+
+@ray.remote(num_cpus=0)
+def _concat(*tables: pa.Table) -> pa.Table:
+    return pa.concat_tables(tables)
+
+
+class MultiTeacherPool:
+    """Several named teacher pools (``teachers:``) behind one ``TeacherPool``-like handle: each request
+    goes to the pool its ``teacher`` key names (set at prepare time by ``driver.router``); a batch that
+    spans pools is split, each share scored by its pool, and the rows concatenated again."""
+
+    def __init__(self, pools: dict[str, TeacherPool]):
+        self.pools = pools
+        self.workers = [w for p in pools.values() for w in p.workers]
+        self.names = [n for p in pools.values() for n in p.names]
+        self.retired: set[int] = set()  # replica loss is handled inside each pool's own indices
+        self._parts: dict = {}
+
+    @property
+    def active(self) -> list[int]:
+        return list(range(len(self.workers)))
+
+    def ready_refs(self) -> list:
+        return [r for p in self.pools.values() for r in p.ready_refs()]
+
+    def submit(self, requests: list[dict], student_ref, avoid: int | None = None,
+               needs: dict | None = None, split: bool = False):
+        if split:
+            raise ValueError("several teachers need buffer.rows=actor")
+        groups: dict[str, list[int]] = {}
+        for j, r in enumerate(requests):
+            groups.setdefault(r["teacher"], []).append(j)
+        parts = [(name, self.pools[name].submit([requests[j] for j in idx], student_ref, needs=needs,
+                                                select=idx if student_ref is not None else None))
+                 for name, idx in groups.items()]
+        ref = parts[0][1] if len(parts) == 1 else _concat.remote(*[r for _, r in parts])
+        self._parts[ref] = parts
+        return ref
+
+    def done(self, ref) -> None:
+        for name, part in self._parts.pop(ref, []):
+            self.pools[name].done(part)
+        return None  # no single replica to blame: a failed request is re-sent to the pools as routed
+
+    def stats(self) -> list[dict]:
+        return [s for p in self.pools.values() for s in p.stats()]

@@ -35,8 +35,9 @@ def engine_opts(ecfg, cfg: Config, max_new_tokens: int) -> dict:
 def actor_demands(cfg: Config) -> list[tuple[str, dict[str, float]]]:
     """``(actor name, resources it needs on ONE node)`` for every teacher, sampler and learner."""
     out = []
-    for label, n, section in (("teacher", cfg.teacher.num_replicas, cfg.teacher.engine),
-                              ("sampler", cfg.sampler.num_replicas, cfg.sampler.engine),
+    teachers = [("teacher" if t.name == "default" else f"teacher-{t.name}", t.num_replicas, t.engine)
+                for t in cfg.teacher_pools()]
+    for label, n, section in (*teachers, ("sampler", cfg.sampler.num_replicas, cfg.sampler.engine),
                               ("learner", cfg.learner.num_learners, cfg.learner)):
         demand = {"CPU": float(section.num_cpus), "GPU": float(section.num_gpus),
                   **{k: float(v) for k, v in section.resources.items()}}
@@ -104,7 +105,7 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None,
     ``roles``: which actors this command starts (``raykd generate`` starts only teachers)."""
     if nodes is None:
         nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-    demands = [d for d in actor_demands(cfg) if d[0].rsplit("-", 1)[0] in roles]
+    demands = [d for d in actor_demands(cfg) if d[0].split("-", 1)[0] in roles]
     problems = placement_problems(demands, nodes)
     if problems:
         raise ResourceError(f"the cluster cannot place this run: {'; '.join(problems)}; lower teacher/"
@@ -213,11 +214,33 @@ def make_learner_group(cfg: Config, student_path: str, name_prefix: str = "learn
                                                                  "rejected": cfg.sampler.max_new_tokens})
 
 
-def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActors:
+def make_teachers(cfg: Config, teacher_paths: dict[str, str]):
+    """One ``TeacherPool`` per teacher pool; several behind a ``MultiTeacherPool`` (driver/router.py
+    put each request's pool name in its ``teacher`` key)."""
+    from actors.teacher_pool import MultiTeacherPool, TeacherPool
+
+    pools = {}
+    for t in cfg.teacher_pools():
+        pools[t.name] = TeacherPool(
+            t.num_replicas,
+            actor_options(t.engine),
+            model_path=teacher_paths[t.name],
+            backend=resolve_backend(t.engine.backend),
+            # room for the held-out evaluation's longer answers too (eval.teacher)
+            engine_opts=engine_opts(t.engine, cfg, max(t.max_new_tokens, cfg.eval.max_new_tokens)),
+            sampling={"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p},
+            top_k=t.top_k_logprobs,
+            score_with=cfg.priming.score_with,
+            name=t.name,
+        )
+    return pools["default"] if list(pools) == ["default"] else MultiTeacherPool(pools)
+
+
+def create_actors(cfg: Config, teacher_path: str | dict[str, str], student_path: str) -> RunActors:
+    """``teacher_path``: the teacher's model dir, or each teacher pool's (``Prepared.pools()``)."""
     from actors.replay_buffer import ReplayBuffer
     from actors.student_sampler import StudentSampler
     from actors.lifecycle import register_run
-    from actors.teacher_pool import TeacherPool
 
     b, t, s = cfg.buffer, cfg.teacher, cfg.sampler
     simulated = [r for r, e in (("teacher", t.engine), ("sampler", s.engine)) if e.backend == "simulated"]
@@ -230,17 +253,7 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
     buffer = ray.remote(ReplayBuffer).options(name="replay-buffer", num_cpus=0, max_concurrency=64,
                                               max_restarts=-1).remote(
         b.capacity, b.max_policy_lag, b.sampling, cfg.run.seed, b.rows)
-    teachers = TeacherPool(
-        t.num_replicas,
-        actor_options(t.engine),
-        model_path=teacher_path,
-        backend=resolve_backend(t.engine.backend),
-        # room for the held-out evaluation's longer answers too (eval.teacher)
-        engine_opts=engine_opts(t.engine, cfg, max(t.max_new_tokens, cfg.eval.max_new_tokens)),
-        sampling={"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p},
-        top_k=t.top_k_logprobs,
-        score_with=cfg.priming.score_with,
-    )
+    teachers = make_teachers(cfg, teacher_path if isinstance(teacher_path, dict) else {"default": teacher_path})
     sampler_cls = ray.remote(StudentSampler)
     samplers = [
         sampler_cls.options(name=f"sampler-{i}", max_restarts=-1, **actor_options(s.engine)).remote(
@@ -250,7 +263,7 @@ def create_actors(cfg: Config, teacher_path: str, student_path: str) -> RunActor
     ]
     learners = make_learner_group(cfg, student_path)
     # a lost node then fails fast in wait_alive, naming the actor that cannot come back
-    register_run({**{f"teacher-{i}": w for i, w in enumerate(teachers.workers)},
+    register_run({**dict(zip(teachers.names, teachers.workers)),
                   **{f"sampler-{i}": x for i, x in enumerate(samplers)}},
                  lambda nodes, without=(): placement_problems(
                      [d for d in actor_demands(cfg) if d[0] not in without], nodes))

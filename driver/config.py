@@ -109,6 +109,24 @@ class TeacherConfig:
 
 
 @dataclass
+class NamedTeacherConfig(TeacherConfig):
+    """One entry of ``teachers:``: a named teacher pool with its own model (several teachers, routed
+    by ``route``; docs/teachers.md)."""
+
+    name: str = ""
+    model: str | None = None  # an HF dir or spec, as models.teacher; None: models.teacher
+
+
+@dataclass
+class RouteConfig:
+    """Which teacher of ``teachers:`` answers a prompt: ``field`` (a prompt row's field whose value is
+    a teacher's name) or ``weights`` (teacher name -> weight, a seeded random mix)."""
+
+    field: str | None = None
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
 class SamplerConfig:
     num_replicas: int = 1
     prompts_per_request: int = 8
@@ -244,6 +262,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     priming: PrimingConfig = field(default_factory=PrimingConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # several teacher pools (empty: the one of models.teacher + teacher, named 'default')
+    teachers: list[NamedTeacherConfig] = field(default_factory=list)
+    route: RouteConfig = field(default_factory=RouteConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -261,6 +282,13 @@ class Config:
         """The schedule with every phase's loss filled in."""
         phases = self.schedule or [PhaseConfig(kind="online", steps=self.learner.max_steps)]
         return [dataclasses.replace(p, loss=p.loss or self.loss) for p in phases]
+
+    def teacher_pools(self) -> list[NamedTeacherConfig]:
+        """Every teacher pool, named; the single-teacher config is one pool named 'default'."""
+        if self.teachers:
+            return [dataclasses.replace(t, model=t.model or self.models.teacher) for t in self.teachers]
+        return [NamedTeacherConfig(**dataclasses.asdict(self.teacher) | {"engine": self.teacher.engine},
+                                   name="default", model=self.models.teacher)]
 
     def total_steps(self) -> int:
         return sum(p.steps for p in self.phases())
@@ -460,10 +488,39 @@ def validate(cfg: Config) -> Config:
     if cfg.eval.source != "synthetic_math":
         _check(cfg.eval.source.endswith((".jsonl", ".json", ".parquet")), "eval.source", cfg.eval.source,
                "must be 'synthetic_math' or a .jsonl/.parquet file")
+    _check_teachers(cfg)
     if cfg.priming.strategy == "answer_hint":
         _check(cfg.data.answer_field is not None, "data.answer_field", None,
                "priming.strategy=answer_hint needs the reference answer field")
     return cfg
+
+
+def _check_teachers(cfg: Config) -> None:
+    """``teachers:`` names are unique and valid, and ``route`` names only them (one rule)."""
+    names = [t.name for t in cfg.teachers]
+    for i, t in enumerate(cfg.teachers):
+        _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", t.name) is not None, f"teachers[{i}].name", t.name,
+               "letters, digits, '.', '_' and '-' only (it names the teacher's actors)")
+        _check(names.index(t.name) == i, f"teachers[{i}].name", t.name, "duplicate teacher name")
+        _check(t.num_replicas > 0, f"teachers[{i}].num_replicas", t.num_replicas, "must be a positive integer")
+        _check(t.max_new_tokens > 0, f"teachers[{i}].max_new_tokens", t.max_new_tokens, "must be a positive integer")
+        _check(0 < t.top_p <= 1, f"teachers[{i}].top_p", t.top_p, "must be in (0, 1]")
+        _check(t.temperature >= 0, f"teachers[{i}].temperature", t.temperature, "must be >= 0")
+    r = cfg.route
+    if not cfg.teachers:
+        _check(r.field is None and not r.weights, "route", dataclasses.asdict(r), "needs a `teachers:` list")
+        return
+    _check(r.field is None or not r.weights, "route", dataclasses.asdict(r), "set route.field or route.weights, not both")
+    if len(names) > 1:
+        _check(r.field is not None or bool(r.weights), "route", dataclasses.asdict(r),
+               f"several teachers ({', '.join(names)}) need route.field or route.weights")
+    if len(names) > 1:
+        _check(cfg.buffer.rows == "actor", "buffer.rows", cfg.buffer.rows, "several teachers need buffer.rows=actor")
+    for name, w in r.weights.items():
+        _check(name in names, f"route.weights.{name}", w, f"unknown teacher (teachers: {', '.join(names)})")
+        _check(w >= 0, f"route.weights.{name}", w, "must be >= 0")
+    if r.weights:
+        _check(sum(r.weights.values()) > 0, "route.weights", r.weights, "must have a positive weight")
 
 
 def _check_loss(loss: LossConfig, where: str) -> LossConfig:

@@ -170,6 +170,9 @@ def format_summary(summary: dict) -> str:
         pairs = f"pairs        {summary['pairs_added']} added"
         if wall:
             pairs += f" ({summary['pairs_added'] / wall:.3g}/s)"
+        by_teacher = summary.get("pairs_by_teacher") or {}
+        if len(by_teacher) > 1:  # several teacher pools (teachers:): each one's share
+            pairs += "; by teacher: " + ", ".join(f"{k} {v}" for k, v in by_teacher.items())
         lines.append(pairs)
     if summary.get("skipped_overlong"):  # nothing to say when none was skipped
         lines.append(f"skipped      {summary['skipped_overlong']} over-long prompts (data.on_overlong=skip)")

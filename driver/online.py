@@ -330,7 +330,8 @@ class Trainer:
             "learner_restarts": self.learner_restarts,
             "pairs_added": self.pairs_added, "buffer": stats,
             "sampler_versions": ray.get([s.version.remote() for s in self.actors.samplers]) if samplers_ok else [],
-            "teachers": self.actors.teachers.stats(),
+            "teachers": (teachers := self.actors.teachers.stats()),
+            "pairs_by_teacher": _pairs_by_teacher(teachers),
             "samplers": ray.get([s.stats.remote() for s in self.actors.samplers]) if samplers_ok else [],
             **({"lost_actors": lost} if lost else {}),
             "first_loss": self.log.first.get("loss"), "last_loss": self.log.last.get("loss"),
@@ -420,6 +421,15 @@ class Trainer:
         return [g.token_ids for g in gens]
 
 
+def _pairs_by_teacher(teachers: list[dict]) -> dict[str, int]:
+    """Rows each teacher pool made (its replicas' ``pairs`` summed), from ``TeacherPool.stats``."""
+    out: dict[str, int] = {}
+    for t in teachers:
+        if "pairs" in t:
+            out[t.get("name", "default")] = out.get(t.get("name", "default"), 0) + t["pairs"]
+    return out
+
+
 class GracefulStop:
     """SIGINT/SIGTERM ask the loop to stop after the current step (it then checkpoints and shuts
     every actor down); a second signal interrupts at once."""
@@ -479,7 +489,7 @@ def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool 
     failed = True
     try:
         check_resources(cfg)
-        actors = create_actors(cfg, prep.teacher_path, prep.student_path)
+        actors = create_actors(cfg, prep.pools(), prep.student_path)
         try:
             trainer = Trainer(cfg, prep, actors, progress, evaluator, trackers)
             if resume:

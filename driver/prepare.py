@@ -32,6 +32,10 @@ class Prepared:
     requests: list[dict]
     skipped_overlong: int
     tokenizer: object
+    teacher_paths: dict | None = None  # teacher pool name -> model dir (None: {'default': teacher_path})
+
+    def pools(self) -> dict:
+        return self.teacher_paths or {"default": self.teacher_path}
 
 
 def make_run_dir(cfg: Config, run_dir: str | None, resume: bool = False, overwrite: bool = False) -> Path:
@@ -45,6 +49,19 @@ def make_run_dir(cfg: Config, run_dir: str | None, resume: bool = False, overwri
     if not resume:
         dump_config(cfg, path / "config.yaml")
     return path
+
+
+def prepare_teachers(cfg: Config, student: str) -> dict[str, str]:
+    """Every teacher pool's model dir (``teachers:``), each checked against the student's tokenizer."""
+    cache = Path(cfg.models.cache_dir).expanduser() if cfg.models.cache_dir else None
+    out = {}
+    for t in cfg.teacher_pools():
+        path = resolve_model(t.model, cache)
+        check_same_tokenizer(path, Path(student))
+        check_vocab_sizes(f"teachers.{t.name}.model ({path})", model_vocab_size(path),
+                          f"models.student ({student})", model_vocab_size(student), cfg)
+        out[t.name] = str(path)
+    return out
 
 
 def prepare_models(cfg: Config) -> tuple[str, str]:
@@ -97,7 +114,10 @@ def encode_chat(tok, system: str | None, user: str, use_template: bool) -> list[
 
 
 def build_requests(cfg: Config, tok, records) -> tuple[list[dict], int]:
-    """Tokenised student and (primed) teacher prompts; over-long prompts per ``data.on_overlong``."""
+    """Tokenised student and (primed) teacher prompts; over-long prompts per ``data.on_overlong``.
+    Each request names the teacher pool that answers it (``driver.router``)."""
+    from driver.router import teacher_for
+
     d, p = cfg.data, cfg.priming
     requests, skipped = [], 0
     for i, rec in enumerate(records):
@@ -114,7 +134,8 @@ def build_requests(cfg: Config, tok, records) -> tuple[list[dict], int]:
             # keep the end: the chat template's assistant header must survive
             student, teacher = student[-d.max_prompt_tokens:], teacher[-d.max_prompt_tokens:]
         requests.append({"prompt_id": rec.prompt_id, "prompt_ids": student, "teacher_prompt_ids": teacher,
-                         "priming": p.strategy, "reference_answer": rec.answer})
+                         "priming": p.strategy, "reference_answer": rec.answer,
+                         "teacher": teacher_for(cfg, rec.prompt_id, rec.route)})
     if not requests:
         raise SetupError(f"{d.source}: every prompt is longer than data.max_prompt_tokens="
                          f"{d.max_prompt_tokens} ({skipped} skipped)")
@@ -145,10 +166,13 @@ def prepare(cfg: Config, run_dir: str | None = None, resume: bool = False, overw
     from kd.models import TRUST_REMOTE_CODE_ENV
 
     os.environ[TRUST_REMOTE_CODE_ENV] = "1" if cfg.models.trust_remote_code else "0"
+    from driver.router import route_spec
+
     records = load_prompts(cfg.data.source, cfg.data.prompt_field, cfg.data.answer_field,
-                           cfg.data.num_prompts, cfg.run.seed)
+                           cfg.data.num_prompts, cfg.run.seed, route_spec(cfg))
     teacher, student = prepare_models(cfg)
-    check_context(cfg, teacher, student)
+    teachers = prepare_teachers(cfg, student) if cfg.teachers else None
+    check_context(cfg, teacher, student, *(teachers or {}).values())
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(student, **hf_kwargs())
@@ -159,4 +183,4 @@ def prepare(cfg: Config, run_dir: str | None = None, resume: bool = False, overw
     with open(path / "data_summary.json", "w") as f:
         json.dump({"source": cfg.data.source, "rows": len(records), "prompts": len(requests),
                    "skipped_overlong": skipped}, f, indent=1)
-    return Prepared(path, teacher, student, requests, skipped, tok)
+    return Prepared(path, teacher, student, requests, skipped, tok, teachers)

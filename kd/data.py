@@ -30,6 +30,7 @@ class PromptRecord:
     question: str
     answer: str | None = None  # the reference final answer (GSM8K: the text after '####')
     reference: str | None = None  # the whole reference text (evaluation: Rouge-L, KL)
+    route: str | None = None  # the value of route.field (which teacher answers it; driver/router.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,9 +231,11 @@ def _reference(raw, where: str) -> str | None:
     return str(raw)
 
 
-def rows_to_records(rows, prompt_field: str, answer_field: str | None, where: str) -> list[PromptRecord]:
+def rows_to_records(rows, prompt_field: str, answer_field: str | None, where: str,
+                    route: tuple[str, list[str]] | None = None) -> list[PromptRecord]:
     """Validate (row number, dict) pairs into prompt records; ``where`` names the source. The
-    dataset's shape (``row_shape``) is read from its first row; every row must then have it."""
+    dataset's shape (``row_shape``) is read from its first row; every row must then have it.
+    ``route``: (field, teacher names): every row's field must name one of the teachers."""
     records, shape = [], None
     for i, row in rows:
         shape = shape or row_shape(row, prompt_field)
@@ -253,20 +256,30 @@ def rows_to_records(rows, prompt_field: str, answer_field: str | None, where: st
         if ref is None and answer_field is not None:
             ref = _reference(row.get(answer_field), f"{at} '{answer_field}'")
         pid = str(row.get("id", f"{Path(where).stem}-{i}"))
-        records.append(PromptRecord(pid, q, final_answer(ref), ref))
+        routed = None
+        if route is not None:
+            routed = row.get(route[0])
+            if routed is None or str(routed) not in route[1]:
+                got = "is missing" if routed is None else f"is {routed!r}"
+                raise DataError(f"{where}:{i}: field '{route[0]}' (route.field) {got}; it must name a teacher "
+                                f"({', '.join(route[1])})")
+            routed = str(routed)
+        records.append(PromptRecord(pid, q, final_answer(ref), ref, routed))
     if not records:
         raise DataError(f"{where}: no rows (empty dataset)")
     return records
 
 
-def read_prompts(path: str | Path, prompt_field: str = "question", answer_field: str | None = "answer"):
+def read_prompts(path: str | Path, prompt_field: str = "question", answer_field: str | None = "answer",
+                 route: tuple[str, list[str]] | None = None):
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: file does not exist")
-    return rows_to_records(iter_rows(path), prompt_field, answer_field, str(path))
+    return rows_to_records(iter_rows(path), prompt_field, answer_field, str(path), route)
 
 
-def read_hf_dataset(spec: str, prompt_field: str, answer_field: str | None) -> list[PromptRecord]:
+def read_hf_dataset(spec: str, prompt_field: str, answer_field: str | None,
+                    route: tuple[str, list[str]] | None = None) -> list[PromptRecord]:
     """``hf:NAME[:CONFIG]:SPLIT`` through the ``datasets`` library: a hub dataset (needs network),
     or ``hf:DIR`` / ``hf:DIR:SPLIT`` for a dataset (dict) saved with ``save_to_disk``."""
     try:
@@ -292,16 +305,18 @@ def read_hf_dataset(spec: str, prompt_field: str, answer_field: str | None) -> l
         raise
     except Exception as e:  # the library's own errors (not found, offline, ...) in one line
         raise DataError(f"{spec}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return rows_to_records(enumerate(ds, 1), prompt_field, answer_field, spec)
+    return rows_to_records(enumerate(ds, 1), prompt_field, answer_field, spec, route)
 
 
-def load_prompts(source: str, prompt_field: str, answer_field: str | None, num: int, seed: int):
+def load_prompts(source: str, prompt_field: str, answer_field: str | None, num: int, seed: int,
+                 route: tuple[str, list[str]] | None = None):
+    """``route``: (field, teacher names) when prompts are routed to teachers by a field of the row."""
     if source == "synthetic_math":
         rows = enumerate(synthetic_math(num, seed), 1)
-        return rows_to_records(rows, "question", "answer", "synthetic_math")
+        return rows_to_records(rows, "question", "answer", "synthetic_math", route)
     if source.startswith("hf:"):
-        return read_hf_dataset(source, prompt_field, answer_field)
-    return read_prompts(source, prompt_field, answer_field)
+        return read_hf_dataset(source, prompt_field, answer_field, route)
+    return read_prompts(source, prompt_field, answer_field, route)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,5 +344,13 @@ BUFFER_SCHEMA = pa.schema(
         pa.field("priming", pa.string()),
         pa.field("created_at", pa.float64()),
         pa.field("reference_answer", pa.string()),
+        pa.field("teacher_name", pa.string()),  # which teacher pool made the row (null: before it was kept)
     ]
 )
+
+
+def with_teacher_name(table: pa.Table) -> pa.Table:
+    """Rows written before ``teacher_name`` existed (old datasets, checkpoints) get a null one."""
+    if "teacher_name" in table.column_names:
+        return table
+    return table.append_column("teacher_name", pa.nulls(table.num_rows, pa.string()))

@@ -16,7 +16,7 @@ def rows(n: int, version: int = 0, start: int = 0) -> pa.Table:
         "chosen_topk_ids": [None] * n, "chosen_topk_logps": [None] * n,
         "rejected_topk_ids": [None] * n, "rejected_topk_logps": [None] * n,
         "rejected_behaviour_logps": [[-1.0]] * n, "policy_version": [version] * n,
-        "priming": ["none"] * n, "created_at": [0.0] * n, "reference_answer": [None] * n,
+        "priming": ["none"] * n, "created_at": [0.0] * n, "reference_answer": [None] * n, "teacher_name": [None] * n,
     }, schema=BUFFER_SCHEMA)
 
 
