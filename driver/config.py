@@ -514,7 +514,6 @@ def _check_teachers(cfg: Config) -> None:
     if len(names) > 1:
         _check(r.field is not None or bool(r.weights), "route", dataclasses.asdict(r),
                f"several teachers ({', '.join(names)}) need route.field or route.weights")
-    if len(names) > 1:
         _check(cfg.buffer.rows == "actor", "buffer.rows", cfg.buffer.rows, "several teachers need buffer.rows=actor")
     for name, w in r.weights.items():
         _check(name in names, f"route.weights.{name}", w, f"unknown teacher (teachers: {', '.join(names)})")
