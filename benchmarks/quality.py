@@ -330,6 +330,7 @@ def write_report(results: list[dict], teacher: dict, args, out: Path) -> None:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)  # rewritten after every run: keep no figure open
     lines += ["", f"![{y} against wall time]({out.with_suffix('.png').name})", ""]
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"teacher": teacher, "runs": results}, indent=1))

@@ -60,6 +60,7 @@ class Trainer:
         self.consumed = self.run_dir / "consumed.jsonl"
         self.progress = progress
         self.step = self.version = self.phase_index = self.phase_step = self.pairs_added = 0
+        self.pairs_by_teacher: dict[str, int] = {}  # rows added to the buffer per teacher pool (sums to pairs_added)
         self.producer_state: dict = {}
         self.drained_state: dict = {}  # the last real producer's position once drained (see restore)
         self.recovered = {"sampler": 0, "teacher": 0}  # requests re-sent after an actor died
@@ -87,6 +88,7 @@ class Trainer:
             self.actors.learners.save_hf(str(tmp / "hf"), self.prep.student_path)
         state = {"step": self.step, "version": self.version, "phase_index": self.phase_index,
                  "phase_step": self.phase_step, "pairs_added": self.pairs_added,
+                 "pairs_by_teacher": self.pairs_by_teacher,
                  "prompts_requested": self.prompts_requested,
                  "producer": producer.state(), "elapsed_s": self._elapsed(),
                  "eval_before": self.eval_before, "eval_teacher": self.eval_teacher,
@@ -156,6 +158,8 @@ class Trainer:
         self.producer_state, self.elapsed_before = self._producer_state(state), state["elapsed_s"]
         self.drained_state = state.get("drained_producer", {})
         self.eval_before, self.eval_teacher = state.get("eval_before", {}), state.get("eval_teacher", {})
+        # a checkpoint from before this count existed: its rows are not attributable, count from here
+        self.pairs_by_teacher = dict(state.get("pairs_by_teacher", {}))
         if faults:
             self._set_faults(state.get("faults", {}))
         _truncate_lines(self.log.path, state["metrics_rows"])
@@ -178,6 +182,7 @@ class Trainer:
         the same rewind as a restore, to an empty buffer and the start of the prompts."""
         for key in ("step", "version", "phase_index", "phase_step", "pairs_added", "prompts_requested"):
             setattr(self, key, 0)
+        self.pairs_by_teacher = {}
         self.producer_state = self.drained_state = {}
         self.guard.call("reset")
         self.guard.version = self.guard.rows_at_save = 0
@@ -330,8 +335,8 @@ class Trainer:
             "learner_restarts": self.learner_restarts,
             "pairs_added": self.pairs_added, "buffer": stats,
             "sampler_versions": ray.get([s.version.remote() for s in self.actors.samplers]) if samplers_ok else [],
-            "teachers": (teachers := self.actors.teachers.stats()),
-            "pairs_by_teacher": _pairs_by_teacher(teachers),
+            "teachers": self.actors.teachers.stats(),
+            "pairs_by_teacher": dict(self.pairs_by_teacher),
             "samplers": ray.get([s.stats.remote() for s in self.actors.samplers]) if samplers_ok else [],
             **({"lost_actors": lost} if lost else {}),
             "first_loss": self.log.first.get("loss"), "last_loss": self.log.last.get("loss"),
@@ -344,6 +349,11 @@ class Trainer:
         self.trackers.log_summary(summary)
         return summary
 
+    def _count(self, added: dict[str, int]) -> None:
+        for name, n in added.items():
+            self.pairs_by_teacher[name] = self.pairs_by_teacher.get(name, 0) + n
+            self.pairs_added += n
+
     def _drain(self, producer) -> None:
         """Wait for every request in flight (and any re-sent after a failure) to land. No learner
         consumes meanwhile, so the buffer may go over capacity instead of holding producers back."""
@@ -351,7 +361,7 @@ class Trainer:
             self.guard.set_overflow(True)
             while producer.pending():
                 done, _ = ray.wait(producer.pending(), num_returns=1)
-                self.pairs_added += producer.complete(done[0])
+                self._count(producer.complete(done[0]))
             self.guard.set_overflow(False)
         self.prompts_requested += producer.taken
         producer.taken = 0
@@ -369,7 +379,7 @@ class Trainer:
                 producer.top_up(self.version)
                 done, _ = ray.wait([train_ref, *producer.pending()], num_returns=1)
                 if done[0] != train_ref:
-                    self.pairs_added += producer.complete(done[0])
+                    self._count(producer.complete(done[0]))
                     continue
                 try:
                     metrics = ray.get(train_ref)
@@ -419,15 +429,6 @@ class Trainer:
         gens = ray.get((actor or self.actors.samplers[0]).generate.remote(
             reqs, seed=seed, greedy=seed is None, max_new_tokens=self.cfg.eval.max_new_tokens))
         return [g.token_ids for g in gens]
-
-
-def _pairs_by_teacher(teachers: list[dict]) -> dict[str, int]:
-    """Rows each teacher pool made (its replicas' ``pairs`` summed), from ``TeacherPool.stats``."""
-    out: dict[str, int] = {}
-    for t in teachers:
-        if "pairs" in t:
-            out[t.get("name", "default")] = out.get(t.get("name", "default"), 0) + t["pairs"]
-    return out
 
 
 class GracefulStop:

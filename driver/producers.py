@@ -14,6 +14,14 @@ from driver.config import Config
 from driver.recovery import BufferGuard
 
 
+def _count_by_teacher(names) -> dict[str, int]:
+    """``{teacher pool: rows}``; a row with no name (one teacher; data written before names) is 'default'."""
+    out: dict[str, int] = {}
+    for name in names:
+        out[name or "default"] = out.get(name or "default", 0) + 1
+    return out
+
+
 class PromptStream:
     """Cycles through the prompts; epoch e visits them in an order fixed by (seed, e)."""
 
@@ -96,18 +104,20 @@ class OnlineProducer:
     def pending(self) -> list:
         return list(self.in_flight)
 
-    def complete(self, ref) -> int:
+    def complete(self, ref) -> dict[str, int]:
+        """Rows the finished request added to the buffer, per teacher pool (empty if it is re-sent)."""
         req = self.in_flight.pop(ref)
         teacher = self.actors.teachers.done(req["pair"])
         try:
             added = ray.get(ref)  # raises the producer's error, if any
         except ray.exceptions.RayActorError:
             self._resend(req, teacher)
-            return 0
+            return {}
         self.per_sampler[req["sampler"]] -= 1
         with open(self.consumed, "a") as f:
             f.write(json.dumps({"epoch": req["epoch"], "prompt_ids": [r["prompt_id"] for r in req["reqs"]]}) + "\n")
-        return added
+        # the buffer takes a request whole or (a re-sent duplicate) not at all
+        return _count_by_teacher(r.get("teacher") for r in req["reqs"][:added])
 
     def _resend(self, req: dict, teacher: int | None) -> None:
         try:
@@ -170,16 +180,19 @@ class OfflineProducer:
     def pending(self) -> list:
         return list(self.in_flight)
 
-    def complete(self, ref) -> int:
+    def complete(self, ref) -> dict[str, int]:
+        """Rows the finished slice added to the buffer, per teacher pool (empty if it is re-sent)."""
         rows, request_id, generation = self.in_flight.pop(ref)
         try:
-            return ray.get(ref)
+            added = ray.get(ref)
         except ray.exceptions.RayActorError:
             if self.guard is None:
                 raise
             self.guard.lost(generation)
             self._add(rows, request_id)
-            return 0
+            return {}
+        names = rows.column("teacher_name").to_pylist() if "teacher_name" in rows.column_names else []
+        return _count_by_teacher(names[:added] if names else [None] * added)
 
     def state(self) -> dict:
         assert not self.in_flight, "drain before saving producer state"

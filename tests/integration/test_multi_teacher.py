@@ -9,6 +9,7 @@ import yaml
 from driver.config import load_config
 from driver.online import run_online
 from driver.prepare import prepare
+from driver.runs import commit_resume, plan_resume
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
@@ -34,13 +35,19 @@ def test_two_teachers_route_every_prompt_by_its_task_field(tiny_models, tmp_path
         "route": {"field": "task"},
         "sampler": {"max_new_tokens": 6, "prompts_per_request": 4, "engine": engine},
         "buffer": {"capacity": 64, "min_size_to_train": 4},
-        "learner": {"batch_size": 4, "max_steps": 4, "lr": 5e-3},
+        "learner": {"batch_size": 4, "max_steps": 2, "lr": 5e-3},
         "sync": {"every_steps": 2},
+        "checkpoint": {"every_steps": 2},
         "ray": {"num_cpus": 6},
     }))
     cfg = load_config(cfg_file)
-    prep = prepare(cfg, str(tmp_path / "run"))
-    summary = run_online(cfg, prep, progress=False)
+    run = tmp_path / "run"
+    first = run_online(cfg, prepare(cfg, str(run)), progress=False)
+    assert first["steps"] == 2
+    # resumed for 2 more steps: the per-teacher counts carry over from the checkpoint
+    plan = plan_resume(run, None, ["learner.max_steps=4"], allow_change=True)
+    summary = run_online(plan.cfg, prepare(plan.cfg, str(run), resume=True), progress=False,
+                         resume=plan.checkpoint, on_resumed=lambda: commit_resume(plan))
 
     assert summary["steps"] == 4
     # the buffer saved with the final checkpoint: every row was made by its prompt's task's teacher
@@ -49,9 +56,15 @@ def test_two_teachers_route_every_prompt_by_its_task_field(tiny_models, tmp_path
     assert files, "no buffer file in the checkpoint"
     rows = pq.read_table(files[-1]).select(["prompt_id", "teacher_name"]).to_pylist()
     assert rows and all(r["teacher_name"] == task_of[r["prompt_id"]] for r in rows)
-    # each teacher's replica made pairs, and the summary counts them per teacher
-    by_name = {t["name"]: t["pairs"] for t in summary["teachers"]}
-    assert set(by_name) == {"math", "code"} and all(n > 0 for n in by_name.values())
-    assert summary["pairs_by_teacher"] == by_name
-    assert sum(by_name.values()) == summary["pairs_added"]
+    # the summary's rows per teacher, over both sessions, are the consumed prompts counted by their task
+    consumed = [pid for line in (run / "consumed.jsonl").read_text().splitlines()
+                for pid in json.loads(line)["prompt_ids"]]
+    expected = {t: sum(task_of[pid] == t for pid in consumed) for t in ("math", "code")}
+    assert all(n > 0 for n in expected.values())
+    assert summary["pairs_by_teacher"] == expected
+    assert sum(expected.values()) == summary["pairs_added"]
+    # each pool's replica made pairs in this session too; those alone leave out the first session's
+    this_session = {t["name"]: t["pairs"] for t in summary["teachers"]}
+    assert all(0 < this_session[t] <= expected[t] for t in expected)
+    assert sum(this_session.values()) < summary["pairs_added"]
     assert sum(summary["buffer"]["size_by_teacher"].values()) == summary["buffer"]["size"]

@@ -48,6 +48,8 @@ def test_resume_reaches_the_same_step_count_without_reusing_prompts(tiny_models,
     epochs = Counter(epoch for epoch, _ in consumed)
     assert all(n == 40 for e, n in epochs.items() if e < max(epochs))
     assert second["prompts_requested"] == sum(epochs.values())
+    # one row per consumed prompt, all from the one teacher pool, counted across both sessions
+    assert second["pairs_by_teacher"] == {"default": second["pairs_added"]} == {"default": sum(epochs.values())}
 
 
 def test_latest_checkpoint_ignores_a_half_written_one(tmp_path):
