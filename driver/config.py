@@ -390,8 +390,6 @@ def validate(cfg: Config) -> Config:
     positive_ints = {
         "data.num_prompts": cfg.data.num_prompts,
         "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
-        "teacher.num_replicas": cfg.teacher.num_replicas,
-        "teacher.max_new_tokens": cfg.teacher.max_new_tokens,
         "sampler.num_replicas": cfg.sampler.num_replicas,
         "sampler.prompts_per_request": cfg.sampler.prompts_per_request,
         "sampler.max_new_tokens": cfg.sampler.max_new_tokens,
@@ -408,8 +406,6 @@ def validate(cfg: Config) -> Config:
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "eval.limit": cfg.eval.limit,
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
-        "teacher.engine.torch_threads": cfg.teacher.engine.torch_threads,
-        "sampler.engine.torch_threads": cfg.sampler.engine.torch_threads,
     }
     _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.run.name) is not None, "run.name", cfg.run.name,
            "letters, digits, '.', '_' and '-' only (it names a directory under run.runs_dir)")
@@ -423,12 +419,6 @@ def validate(cfg: Config) -> Config:
         "learner.weight_decay": cfg.learner.weight_decay,
         "learner.num_cpus": cfg.learner.num_cpus,
         "learner.num_gpus": cfg.learner.num_gpus,
-        "teacher.top_k_logprobs": cfg.teacher.top_k_logprobs,
-        "teacher.engine.num_cpus": cfg.teacher.engine.num_cpus,
-        "teacher.engine.kv_cache_gb": cfg.teacher.engine.kv_cache_gb,
-        "sampler.engine.kv_cache_gb": cfg.sampler.engine.kv_cache_gb,
-        "sampler.engine.num_cpus": cfg.sampler.engine.num_cpus,
-        "teacher.temperature": cfg.teacher.temperature,
         "sampler.temperature": cfg.sampler.temperature,
         "learner.grad_clip": cfg.learner.grad_clip,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
@@ -438,14 +428,8 @@ def validate(cfg: Config) -> Config:
         _check(v >= 0, path, v, "must be >= 0")
     _check(cfg.learner.lr > 0, "learner.lr", cfg.learner.lr, "must be > 0")
     cfg.loss = _check_loss(cfg.loss, "loss")
-    for role in ("teacher", "sampler"):
-        v = getattr(cfg, role).engine.gpu_memory_utilization
-        _check(0 < v <= 1, f"{role}.engine.gpu_memory_utilization", v, "must be in (0, 1]")
-        sim = getattr(cfg, role).engine.simulated
-        for key in ("tokens_per_s", "score_tokens_per_s"):
-            _check(getattr(sim, key) > 0, f"{role}.engine.simulated.{key}", getattr(sim, key), "must be > 0")
-        _check(sim.latency_s >= 0, f"{role}.engine.simulated.latency_s", sim.latency_s, "must be >= 0")
-    _check(0 < cfg.teacher.top_p <= 1, "teacher.top_p", cfg.teacher.top_p, "must be in (0, 1]")
+    _check_teacher_pool(cfg.teacher, "teacher")
+    _check_engine(cfg.sampler.engine, "sampler.engine")
     _check(0 < cfg.sampler.top_p <= 1, "sampler.top_p", cfg.sampler.top_p, "must be in (0, 1]")
     _check(cfg.learner.zero_stage in (0, 1, 2, 3), "learner.zero_stage", cfg.learner.zero_stage,
            "must be one of 0, 1, 2, 3")
@@ -495,6 +479,28 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _check_engine(e, where: str) -> None:
+    """One ``engine:`` section (a teacher pool's or the sampler's)."""
+    _check(e.torch_threads > 0, f"{where}.torch_threads", e.torch_threads, "must be a positive integer")
+    for key in ("num_cpus", "kv_cache_gb"):
+        _check(getattr(e, key) >= 0, f"{where}.{key}", getattr(e, key), "must be >= 0")
+    _check(0 < e.gpu_memory_utilization <= 1, f"{where}.gpu_memory_utilization", e.gpu_memory_utilization,
+           "must be in (0, 1]")
+    for key in ("tokens_per_s", "score_tokens_per_s"):
+        _check(getattr(e.simulated, key) > 0, f"{where}.simulated.{key}", getattr(e.simulated, key), "must be > 0")
+    _check(e.simulated.latency_s >= 0, f"{where}.simulated.latency_s", e.simulated.latency_s, "must be >= 0")
+
+
+def _check_teacher_pool(t, where: str) -> None:
+    """The fields every teacher pool has: ``teacher:`` and each entry of ``teachers:``."""
+    for key in ("num_replicas", "max_new_tokens"):
+        _check(getattr(t, key) > 0, f"{where}.{key}", getattr(t, key), "must be a positive integer")
+    for key in ("top_k_logprobs", "temperature"):
+        _check(getattr(t, key) >= 0, f"{where}.{key}", getattr(t, key), "must be >= 0")
+    _check(0 < t.top_p <= 1, f"{where}.top_p", t.top_p, "must be in (0, 1]")
+    _check_engine(t.engine, f"{where}.engine")
+
+
 def _check_teachers(cfg: Config) -> None:
     """``teachers:`` names are unique and valid, and ``route`` names only them (one rule)."""
     names = [t.name for t in cfg.teachers]
@@ -502,10 +508,7 @@ def _check_teachers(cfg: Config) -> None:
         _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", t.name) is not None, f"teachers[{i}].name", t.name,
                "letters, digits, '.', '_' and '-' only (it names the teacher's actors)")
         _check(names.index(t.name) == i, f"teachers[{i}].name", t.name, "duplicate teacher name")
-        _check(t.num_replicas > 0, f"teachers[{i}].num_replicas", t.num_replicas, "must be a positive integer")
-        _check(t.max_new_tokens > 0, f"teachers[{i}].max_new_tokens", t.max_new_tokens, "must be a positive integer")
-        _check(0 < t.top_p <= 1, f"teachers[{i}].top_p", t.top_p, "must be in (0, 1]")
-        _check(t.temperature >= 0, f"teachers[{i}].temperature", t.temperature, "must be >= 0")
+        _check_teacher_pool(t, f"teachers[{i}]")
     r = cfg.route
     if not cfg.teachers:
         _check(r.field is None and not r.weights, "route", dataclasses.asdict(r), "needs a `teachers:` list")

@@ -28,6 +28,12 @@ def test_single_teacher_config_is_one_pool_named_default():
     ([*TWO, "route.field=task", "route.weights={math: 1}"], "not both"),
     ([*TWO, "route.field=task", "buffer.rows=object_store"], "several teachers need buffer.rows=actor"),
     (["teachers=[{name: 'a b'}]"], "teachers[0].name='a b'"),
+    # every field a single teacher's section checks is checked in each pool too, under its own name
+    (["teachers=[{name: m, top_k_logprobs: -1}]"], "teachers[0].top_k_logprobs=-1: must be >= 0"),
+    (["teachers=[{name: m, engine: {kv_cache_gb: -1}}]"], "teachers[0].engine.kv_cache_gb=-1"),
+    (["teachers=[{name: m, engine: {torch_threads: 0}}]"], "teachers[0].engine.torch_threads=0: must be a positive"),
+    (["teacher.engine.gpu_memory_utilization=0"], "teacher.engine.gpu_memory_utilization=0"),
+    (["sampler.engine.num_cpus=-2"], "sampler.engine.num_cpus=-2"),
 ])
 def test_bad_teacher_configs_fail_with_one_line_naming_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:
