@@ -612,7 +612,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                check_files: bool = True) -> Config:
+                check_files: bool = True, saved: bool = False) -> Config:
+    """``saved``: a run directory's own config.yaml, which runs written before the schedule set
+    ``learner.max_steps`` saved with the (unused) default beside a schedule: the schedule wins."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -623,6 +625,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])
     cfg = validate(_build(Config, data, ""))
+    if cfg.schedule:  # the schedule sets the run's length; learner.max_steps then shows it
+        given = (data.get("learner") or {}).get("max_steps")
+        total = cfg.total_steps()
+        _check(given is None or given == total or saved, "learner.max_steps", given,
+               f"a schedule sets the run's length ({total} steps in {len(cfg.schedule)} phases); remove "
+               "learner.max_steps or change schedule[i].steps")
+        cfg.learner.max_steps = total
     return check_paths(cfg) if check_files else cfg
 
 

@@ -222,8 +222,8 @@ def plan_resume(run_dir: str | Path, config: str | None = None, overrides: list[
     checkpoints newest first. Raises ``RunDirError`` (one line) when it must not go ahead."""
     run = Path(run_dir)
     saved_path = _saved_config(run)
-    saved = load_config(saved_path)
-    cfg = load_config(config or saved_path, overrides) if (config or overrides) else saved
+    saved = load_config(saved_path, saved=True)
+    cfg = load_config(config or saved_path, overrides, saved=config is None) if (config or overrides) else saved
     ckpt, damaged = scan_checkpoints(run)
     if ckpt is None:
         why = "; ".join(f"{c.name}: {p}" for c, p in damaged) or "none written yet"

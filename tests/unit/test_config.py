@@ -113,6 +113,12 @@ def test_schedule_of_phases(tmp_path):
     assert [(p.kind, p.steps, p.loss.type) for p in phases] == [("offline", 3, "sft"), ("online", 5, "dpkd")]
     assert cfg.total_steps() == 8
     assert load_config(write(tmp_path, {"learner": {"max_steps": 4}})).phases()[0].steps == 4
+    # with a schedule, learner.max_steps shows the run's length; a different one is refused, not ignored
+    assert cfg.learner.max_steps == 8
+    sched = {"schedule": [{"kind": "online", "steps": 5}, {"kind": "online", "steps": 2}]}
+    assert load_config(write(tmp_path, {**sched, "learner": {"max_steps": 7}})).learner.max_steps == 7
+    with pytest.raises(ConfigError, match=r"learner.max_steps=20: a schedule sets the run's length \(7 steps in 2"):
+        load_config(write(tmp_path, {**sched, "learner": {"max_steps": 20}}))
 
 
 @pytest.mark.parametrize("phase, expect", [

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+import yaml
 
 from driver.cli import main
 from driver.config import dump_config, load_config
@@ -339,3 +340,17 @@ def test_phase_position(steps, step, saved, expect):
     from driver.config import PhaseConfig
 
     assert phase_position([PhaseConfig(steps=s) for s in steps], step, *saved) == expect
+
+
+def test_a_run_saved_with_max_steps_beside_its_schedule_still_resumes(tmp_path):
+    """Runs written before the schedule set learner.max_steps saved the unused default (20) beside a
+    schedule; a new config with both that disagree is refused, the saved one resumes as scheduled."""
+    run = fake_run(tmp_path)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["learner"]["max_steps"] = 20
+    saved["schedule"] = [{"kind": "online", "steps": 30}]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    plan = plan_resume(run)
+    assert (plan.step, plan.cfg.learner.max_steps, plan.cfg.total_steps(), plan.changes) == (15, 30, 30, [])
+    with pytest.raises(Exception, match=r"learner.max_steps=20: a schedule sets the run's length \(30 steps"):
+        load_config(run / "config.yaml")
