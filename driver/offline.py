@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kd.data import BUFFER_SCHEMA, with_teacher_name
+from kd.data import BUFFER_SCHEMA, with_optional_columns
 from kd.errors import UserInputError
 from kd.models import hf_kwargs
 
@@ -181,7 +181,7 @@ def read_dataset(path: str | Path) -> pa.Table:
     tables = []
     for f in files:
         try:
-            t = with_teacher_name(pq.read_table(f))
+            t = with_optional_columns(pq.read_table(f))
         except (pa.ArrowInvalid, OSError) as e:
             raise DatasetError(f"{f}: not a readable Parquet shard: {e}") from None
         missing = [n for n in BUFFER_SCHEMA.names if n not in t.column_names]

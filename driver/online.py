@@ -489,7 +489,7 @@ def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool 
     failed = True
     try:
         check_resources(cfg)
-        actors = create_actors(cfg, prep.pools(), prep.student_path)
+        actors = create_actors(cfg, prep.pools(), prep.student_path, prep.text_pools)
         try:
             trainer = Trainer(cfg, prep, actors, progress, evaluator, trackers)
             if resume:
