@@ -232,7 +232,8 @@ class Trainer:
 
         if any(p.kind == "offline" and p.data is None for p in self.phases[self.phase_index:]):
             print(f"raykd: generating the offline phase's teacher data into {self.teacher_data}", file=sys.stderr)
-            stamp = teacher_stamp(self.cfg.models.teacher, self.prep.teacher_path, self.prep.tokenizer)
+            stamp = teacher_stamp(self.cfg.models.teacher, self.prep.teacher_path, self.prep.tokenizer,
+                                  text_path=bool(self.prep.text_pools))
             generate_with(self.actors.teachers, self.cfg, self.prep.requests, self.prep.skipped_overlong,
                           self.teacher_data, stamp, progress=self.progress)
 

@@ -132,7 +132,8 @@ def check_tokenizers(cfg: Config, what: str, teacher: Path, student: Path) -> bo
                          f"held-out prompts are in the student's tokens; score the teacher on its own with "
                          f"raykd eval --model {teacher}")
     print(f"raykd: text path: {what} (tokenizer vocab {len(a)}) and models.student (tokenizer vocab {len(b)}) "
-          f"use different tokenizers; responses cross between them as text; losses that work: {works}",
+          f"use different tokenizers; responses cross between them as text; losses that work: "
+          f"{', '.join(CROSS_TOKENIZER_LOSSES)}",
           file=sys.stderr)
     return True
 
