@@ -53,3 +53,28 @@ def test_cross_tokenizer_sft_then_dpkd_trains_and_reaches_the_sampler(tmp_path):
         assert r["chosen_teacher_logps"] == r["rejected_teacher_logps"] == [] and r["chosen_topk_ids"] is None
         assert t_tok.decode(r["teacher_prompt_ids"]) == s_tok.decode(r["prompt_ids"])
         assert max(r["chosen_ids"] + r["rejected_ids"]) < len(s_tok)
+
+
+def test_raykd_generate_writes_a_cross_tokenizer_dataset_in_the_students_tokens(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from driver.offline import DatasetError, check_dataset_teacher, generate_dataset, read_dataset
+    from kd.data import synthetic_math
+
+    cfg = load_config(CONFIG, [f"models.cache_dir={tmp_path / 'cache'}", "data.num_prompts=6",
+                               "data.system_prompt=null"])
+    generate_dataset(cfg, tmp_path / "ds", shard_size=4, progress=False)
+    assert "raykd: text path: models.teacher (tokenizer vocab 320) and models.student (tokenizer vocab 491)" \
+        in capsys.readouterr().err
+    prep_student = str(tmp_path / "cache" / "tiny-l2-s1")
+    s_tok = AutoTokenizer.from_pretrained(prep_student)
+    rows = read_dataset(tmp_path / "ds").to_pylist()
+    questions = {r["id"]: r["question"] for r in synthetic_math(6, cfg.run.seed)}
+    assert len(rows) == 6
+    for r in rows:
+        chat = s_tok.apply_chat_template([{"role": "user", "content": questions[r["prompt_id"]]}],
+                                         add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert r["prompt_ids"] == list(chat) and r["chosen_ids"] and r["chosen_teacher_logp_sum"] < 0
+    check_dataset_teacher(str(tmp_path / "ds"), "schedule[0]", "sft", s_tok, 491)
+    with pytest.raises(DatasetError, match="written on the text path.*loss.type=fkl needs them; use dpkd or sft"):
+        check_dataset_teacher(str(tmp_path / "ds"), "schedule[0]", "fkl", s_tok, 491)
