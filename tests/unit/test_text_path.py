@@ -189,3 +189,14 @@ def test_one_tokenizer_keeps_the_fast_path(tiny_models, tmp_path, capsys):
     assert prep.text_pools == frozenset() and "text path" not in capsys.readouterr().err
     assert all(r["teacher_prompt_ids"] == r["prompt_ids"] and "teacher_plain_prompt_ids" not in r
                for r in prep.requests)
+
+
+def test_tiny_spec_with_a_vocab_builds_another_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from kd.models import ModelSpecError, resolve_model
+
+    path = resolve_model("tiny:1:0:300", tmp_path)
+    assert path.name == "tiny-l1-s0-v300" and len(AutoTokenizer.from_pretrained(path)) == 300
+    with pytest.raises(ModelSpecError, match=r"expected tiny\[:LAYERS\[:SEED\[:VOCAB\]\]\] with VOCAB in \[300, 512\]"):
+        resolve_model("tiny:1:0:99", tmp_path)
