@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors import metrics
-from kd.data import BUFFER_SCHEMA, with_teacher_name
+from kd.data import BUFFER_SCHEMA, with_optional_columns
 
 
 # a row held in the object store: its table (``RowRefs.refs[_ref]`` in the actor) and row there
@@ -206,7 +206,7 @@ class BufferCore:
         if "_uses" not in table.column_names or not meta:
             raise ValueError(f"{path}: not a raykd replay-buffer file")
         self.uses = table.column("_uses").to_numpy().astype(np.int64)
-        self.table = with_teacher_name(table.drop_columns(["_uses"]).replace_schema_metadata(None)).cast(BUFFER_SCHEMA)
+        self.table = with_optional_columns(table.drop_columns(["_uses"]).replace_schema_metadata(None)).cast(BUFFER_SCHEMA)
         self.versions = self.table.column("policy_version").to_numpy().astype(np.int64)
         for k in self._COUNTERS:
             setattr(self, k, meta.get(k, 0))

@@ -3,6 +3,10 @@
 A teacher turns a batch of prompts plus the student's responses into preference pairs: it generates
 y_t from the (primed) teacher prompt, scores y_t and y_s (log-prob of each token and its top-k), and
 returns the pairs as one Arrow table in the replay-buffer schema.
+
+A teacher with another tokenizer than the student's (``student_tokenizer``: the text path,
+docs/teachers.md) exchanges text: y_t is re-tokenized for the student, y_s for the teacher, and the
+teacher's log-probs are kept as one sum per sequence.
 """
 
 from __future__ import annotations
@@ -23,11 +27,19 @@ class TeacherWorker:
     """Ray actor: one teacher engine."""
 
     name = "default"  # the teacher pool it belongs to (``teachers:``), written in each row's teacher_name
+    text = None  # the text path: (the student's tokenizer, the teacher's); None: one tokenizer
 
     def __init__(self, index: int, model_path: str, backend: str, engine_opts: dict, sampling: dict,
-                 top_k: int, score_with: str = "primed", name: str = "default"):
+                 top_k: int, score_with: str = "primed", name: str = "default",
+                 student_tokenizer: str | None = None):
         self.index, self.name = index, name
         self.engine = make_engine(backend, model_path, **engine_opts)
+        if student_tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            from kd.models import hf_kwargs
+
+            self.text = tuple(AutoTokenizer.from_pretrained(m, **hf_kwargs()) for m in (student_tokenizer, model_path))
         self.params = SamplingParams(**sampling, top_k_logprobs=top_k)
         self.top_k = top_k
         self.score_with = score_with
@@ -54,6 +66,36 @@ class TeacherWorker:
             raise ValueError(f"{len(requests)} requests but {len(student)} student generations")
         needs = needs or {"y_t": True, "teacher_scores_y_s": True}
         t = time.perf_counter()
+        n = len(requests)
+        if self.text is not None:
+            cols = self._text_columns(requests, student, needs)
+        else:
+            cols = self._token_columns(requests, student, needs)
+        table = pa.Table.from_pydict(
+            {
+                "prompt_id": [r["prompt_id"] for r in requests],
+                "prompt_ids": [r["prompt_ids"] for r in requests],
+                "teacher_prompt_ids": [r["teacher_prompt_ids"] for r in requests],
+                "rejected_ids": [g.token_ids for g in student] if student is not None else [[]] * n,
+                "rejected_behaviour_logps": [g.logprobs for g in student] if student is not None else [None] * n,
+                "policy_version": [g.version for g in student] if student is not None else [-1] * n,
+                "priming": [r.get("priming", "none") for r in requests],
+                "created_at": [time.time()] * n,
+                "reference_answer": [r.get("reference_answer") for r in requests],
+                "teacher_name": [self.name] * n,
+                "chosen_teacher_logp_sum": [None] * n,
+                "rejected_teacher_logp_sum": [None] * n,
+                **cols,
+            },
+            schema=BUFFER_SCHEMA,
+        )
+        self.pairs += n
+        self.busy_s += time.perf_counter() - t
+        return table
+
+    def _token_columns(self, requests: list[dict], student: list[Generation] | None, needs: dict) -> dict:
+        """The same-tokenizer path: y_t and the teacher's per-token log-probs / top-k of y_t and y_s."""
+        t = time.perf_counter()
         if needs["y_t"]:
             teacher = self.engine.generate([r["teacher_prompt_ids"] for r in requests], self.params)
             metrics.record_generation(f"teacher-{self.index}", len(teacher),
@@ -75,34 +117,55 @@ class TeacherWorker:
             chosen, rejected = (scores[:n_t] if n_t else teacher), scores[n_t:]
         n = len(requests)
         empty = [[]] * n
-        table = pa.Table.from_pydict(
-            {
-                "prompt_id": [r["prompt_id"] for r in requests],
-                "prompt_ids": [r["prompt_ids"] for r in requests],
-                "teacher_prompt_ids": [r["teacher_prompt_ids"] for r in requests],
-                "chosen_ids": [g.token_ids for g in teacher],
-                "rejected_ids": student_ids or empty,
-                "chosen_teacher_logps": [s.logprobs for s in chosen],
-                "rejected_teacher_logps": [s.logprobs for s in rejected] or empty,
-                "chosen_topk_ids": [s.topk_ids or None for s in chosen],
-                "chosen_topk_logps": [s.topk_logprobs or None for s in chosen],
-                "rejected_topk_ids": [s.topk_ids or None for s in rejected] or [None] * n,
-                "rejected_topk_logps": [s.topk_logprobs or None for s in rejected] or [None] * n,
-                "rejected_behaviour_logps": [g.logprobs for g in student] if student is not None else [None] * n,
-                "policy_version": [g.version for g in student] if student is not None else [-1] * n,
-                "priming": [r.get("priming", "none") for r in requests],
-                "created_at": [time.time()] * n,
-                "reference_answer": [r.get("reference_answer") for r in requests],
-                "teacher_name": [self.name] * n,
-            },
-            schema=BUFFER_SCHEMA,
-        )
-        self.pairs += n
         self.generated_tokens += sum(len(g.token_ids) for g in teacher)
         self.scored_tokens += sum(len(x.logprobs) for x in rejected) + (
             0 if self.score_with == "primed" else sum(len(g.token_ids) for g in teacher))
-        self.busy_s += time.perf_counter() - t
-        return table
+        return {
+            "chosen_ids": [g.token_ids for g in teacher],
+            "chosen_teacher_logps": [s.logprobs for s in chosen],
+            "rejected_teacher_logps": [s.logprobs for s in rejected] or empty,
+            "chosen_topk_ids": [s.topk_ids or None for s in chosen],
+            "chosen_topk_logps": [s.topk_logprobs or None for s in chosen],
+            "rejected_topk_ids": [s.topk_ids or None for s in rejected] or [None] * n,
+            "rejected_topk_logps": [s.topk_logprobs or None for s in rejected] or [None] * n,
+        }
+
+    def _text_columns(self, requests: list[dict], student: list[Generation] | None, needs: dict) -> dict:
+        """The text path: y_t generated from the teacher-tokenized prompt and re-tokenized for the
+        student (``chosen_ids``); y_s re-tokenized for the teacher and scored; each side's teacher
+        log-probs summed (every token floored as the per-token path floors them). Per-token columns
+        stay empty: no teacher token lines up with a student token."""
+        from kd.losses import _LOG_TINY
+        from kd.vocab import retokenize
+
+        s_tok, t_tok = self.text
+        n = len(requests)
+        t = time.perf_counter()
+        teacher = self.engine.generate([r["teacher_prompt_ids"] for r in requests], self.params) if needs["y_t"] else []
+        if teacher:
+            metrics.record_generation(f"teacher-{self.index}", len(teacher),
+                                      sum(len(g.token_ids) for g in teacher), time.perf_counter() - t)
+        key = "teacher_prompt_ids" if self.score_with == "primed" else "teacher_plain_prompt_ids"
+        ctx = [r[key] for r in requests]
+        chosen = [g.logprobs for g in teacher]
+        if teacher and self.score_with != "primed":  # y_t sampled from the primed prompt, scored unprimed
+            chosen = [x.logprobs for x in self.engine.score(ctx, [g.token_ids for g in teacher], 0)]
+        y_s = [retokenize(g.token_ids, g.finish_reason == "stop", s_tok, t_tok) for g in student] \
+            if student is not None and needs["teacher_scores_y_s"] else []
+        rejected = [x.logprobs for x in self.engine.score(ctx, y_s, 0)] if y_s else []
+        total = lambda lps: float(sum(max(x, _LOG_TINY) for x in lps))  # noqa: E731
+        self.generated_tokens += sum(len(g.token_ids) for g in teacher)
+        self.scored_tokens += sum(map(len, y_s)) + (
+            0 if self.score_with == "primed" else sum(len(g.token_ids) for g in teacher))
+        return {
+            "chosen_ids": [retokenize(g.token_ids, g.finish_reason == "stop", t_tok, s_tok) for g in teacher]
+            or [[]] * n,
+            "chosen_teacher_logps": [[]] * n, "rejected_teacher_logps": [[]] * n,
+            "chosen_topk_ids": [None] * n, "chosen_topk_logps": [None] * n,
+            "rejected_topk_ids": [None] * n, "rejected_topk_logps": [None] * n,
+            "chosen_teacher_logp_sum": [total(x) for x in chosen] or [None] * n,
+            "rejected_teacher_logp_sum": [total(x) for x in rejected] or [None] * n,
+        }
 
     def make_pairs_split(self, requests: list[dict], student: list[Generation] | None,
                          needs: dict | None = None) -> tuple[dict, pa.Table]:

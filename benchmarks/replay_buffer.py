@@ -39,7 +39,8 @@ def make_batch(n: int, prompt: int, resp: int, k: int, seed: int, version: int =
         "rejected_teacher_logps": lps(resp), "chosen_topk_ids": topk_ids(), "chosen_topk_logps": topk_lps(),
         "rejected_topk_ids": topk_ids(), "rejected_topk_logps": topk_lps(),
         "rejected_behaviour_logps": lps(resp), "policy_version": [version] * n, "priming": ["none"] * n,
-        "created_at": [0.0] * n, "reference_answer": ["42"] * n,
+        "created_at": [0.0] * n, "reference_answer": ["42"] * n, "teacher_name": [None] * n,
+        "chosen_teacher_logp_sum": [None] * n, "rejected_teacher_logp_sum": [None] * n,
     }, schema=BUFFER_SCHEMA)
 
 

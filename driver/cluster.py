@@ -214,9 +214,11 @@ def make_learner_group(cfg: Config, student_path: str, name_prefix: str = "learn
                                                                  "rejected": cfg.sampler.max_new_tokens})
 
 
-def make_teachers(cfg: Config, teacher_paths: dict[str, str]):
+def make_teachers(cfg: Config, teacher_paths: dict[str, str], student_path: str | None = None,
+                  text_pools=frozenset()):
     """One ``TeacherPool`` per teacher pool; several behind a ``MultiTeacherPool`` (driver/router.py
-    put each request's pool name in its ``teacher`` key)."""
+    put each request's pool name in its ``teacher`` key). The pools in ``text_pools`` have another
+    tokenizer than the student at ``student_path``: the text path (docs/teachers.md)."""
     from actors.teacher_pool import MultiTeacherPool, TeacherPool
 
     pools = {}
@@ -232,12 +234,15 @@ def make_teachers(cfg: Config, teacher_paths: dict[str, str]):
             top_k=t.top_k_logprobs,
             score_with=cfg.priming.score_with,
             name=t.name,
+            student_tokenizer=student_path if t.name in text_pools else None,
         )
     return pools["default"] if list(pools) == ["default"] else MultiTeacherPool(pools)
 
 
-def create_actors(cfg: Config, teacher_path: str | dict[str, str], student_path: str) -> RunActors:
-    """``teacher_path``: the teacher's model dir, or each teacher pool's (``Prepared.pools()``)."""
+def create_actors(cfg: Config, teacher_path: str | dict[str, str], student_path: str,
+                  text_pools=frozenset()) -> RunActors:
+    """``teacher_path``: the teacher's model dir, or each teacher pool's (``Prepared.pools()``);
+    ``text_pools``: the pools on the text path (``Prepared.text_pools``)."""
     from actors.replay_buffer import ReplayBuffer
     from actors.student_sampler import StudentSampler
     from actors.lifecycle import register_run
@@ -253,7 +258,8 @@ def create_actors(cfg: Config, teacher_path: str | dict[str, str], student_path:
     buffer = ray.remote(ReplayBuffer).options(name="replay-buffer", num_cpus=0, max_concurrency=64,
                                               max_restarts=-1).remote(
         b.capacity, b.max_policy_lag, b.sampling, cfg.run.seed, b.rows)
-    teachers = make_teachers(cfg, teacher_path if isinstance(teacher_path, dict) else {"default": teacher_path})
+    teachers = make_teachers(cfg, teacher_path if isinstance(teacher_path, dict) else {"default": teacher_path},
+                             student_path, text_pools)
     sampler_cls = ray.remote(StudentSampler)
     samplers = [
         sampler_cls.options(name=f"sampler-{i}", max_restarts=-1, **actor_options(s.engine)).remote(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kd.data import BUFFER_SCHEMA, with_teacher_name
+from kd.data import BUFFER_SCHEMA, with_optional_columns
 from kd.errors import UserInputError
 from kd.models import hf_kwargs
 
@@ -45,12 +45,14 @@ def _identity(cfg, num_requests: int, shard_size: int) -> dict:
     }
 
 
-def teacher_stamp(spec: str, path: str, tok) -> dict:
-    """Who wrote a dataset, as far as a student cares: its tokenizer and embedding size."""
+def teacher_stamp(spec: str, path: str, tok, text_path: bool = False) -> dict:
+    """Who wrote a dataset, as far as a student cares: the tokenizer of its token ids (``tok``: the
+    teacher's, or on the text path the student's, into which the teacher's text was re-tokenized) and
+    the teacher's embedding size."""
     from kd.vocab import model_vocab_size, tokenizer_fingerprint
 
     return {"spec": spec, "path": path, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-            "vocab_size": model_vocab_size(path)}
+            "vocab_size": model_vocab_size(path), **({"text_path": True} if text_path else {})}
 
 
 def _stamp_keys(stamp: dict) -> dict:
@@ -93,9 +95,12 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
     teacher_path = str(resolve_model(cfg.models.teacher, cache))
     tok = AutoTokenizer.from_pretrained(teacher_path, **hf_kwargs())
     check_embedding_covers_tokenizer(teacher_path, tok)
-    requests, skipped = build_requests(cfg, tok, records)
+    student_path, teacher_toks = _text_path_student(cfg, cache, tok)
+    if teacher_toks:  # the rows are written in the student's tokens
+        tok = AutoTokenizer.from_pretrained(student_path, **hf_kwargs())
+    requests, skipped = build_requests(cfg, tok, records, teacher_toks)
     report_skipped(cfg, skipped, len(records))
-    stamp = teacher_stamp(cfg.models.teacher, teacher_path, tok)
+    stamp = teacher_stamp(cfg.models.teacher, teacher_path, tok, text_path=bool(teacher_toks))
     _check_manifest(Path(out_dir), _identity(cfg, len(requests), shard_size), stamp)  # before Ray starts
     started = start_ray(cfg)
     t = cfg.teacher
@@ -106,7 +111,8 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
             model_path=teacher_path, backend=resolve_backend(t.engine.backend),
             engine_opts=engine_opts(t.engine, cfg, t.max_new_tokens),
             sampling={"max_new_tokens": t.max_new_tokens, "temperature": t.temperature, "top_p": t.top_p},
-            top_k=t.top_k_logprobs, score_with=cfg.priming.score_with)
+            top_k=t.top_k_logprobs, score_with=cfg.priming.score_with,
+            student_tokenizer=student_path if teacher_toks else None)
         ray.get(pool.ready_refs())
         summary = generate_with(pool, cfg, requests, skipped, out_dir, stamp, shard_size, progress)
         for w in pool.workers:
@@ -115,6 +121,27 @@ def generate_dataset(cfg, out_dir: str | Path, shard_size: int = 64, progress: b
         if started:
             ray.shutdown()
     return summary
+
+
+def _text_path_student(cfg, cache, teacher_tok) -> tuple[str | None, dict | None]:
+    """``models.student``'s dir and ``{'default': the teacher's tokenizer}`` when the student has another
+    tokenizer: the dataset is then written on the text path, in the student's tokens (SeqKD across
+    tokenizers; docs/teachers.md). (None, None): the rows are in the teacher's tokens."""
+    from transformers import AutoTokenizer
+
+    from driver.prepare import same_tokenizer
+    from kd.models import resolve_model
+
+    if cfg.models.student is None:  # cut from the teacher: its tokenizer
+        return None, None
+    student = str(resolve_model(cfg.models.student, cache))
+    student_tok = AutoTokenizer.from_pretrained(student, **hf_kwargs())
+    if same_tokenizer(teacher_tok, student_tok):
+        return student, None
+    print(f"raykd: text path: models.teacher (tokenizer vocab {len(teacher_tok)}) and models.student (tokenizer "
+          f"vocab {len(student_tok)}) use different tokenizers; the teacher's answers are written re-tokenized "
+          "for the student, usable by loss.type sft or dpkd", file=sys.stderr)
+    return student, {"default": teacher_tok}
 
 
 def generate_with(pool, cfg, requests: list[dict], skipped: int, out_dir: str | Path, stamp: dict,
@@ -181,7 +208,7 @@ def read_dataset(path: str | Path) -> pa.Table:
     tables = []
     for f in files:
         try:
-            t = with_teacher_name(pq.read_table(f))
+            t = with_optional_columns(pq.read_table(f))
         except (pa.ArrowInvalid, OSError) as e:
             raise DatasetError(f"{f}: not a readable Parquet shard: {e}") from None
         missing = [n for n in BUFFER_SCHEMA.names if n not in t.column_names]
@@ -194,12 +221,16 @@ def read_dataset(path: str | Path) -> pa.Table:
 def check_dataset_teacher(data: str, where: str, loss: str, tok, vocab_size: int | None) -> None:
     """Before any actor starts: the dataset's teacher shares this run's student's tokenizer (and, for
     a token-level loss, its vocab_size). A mismatch otherwise fails as an IndexError in the learner."""
-    from kd.vocab import TOKEN_LEVEL_LOSSES, tokenizer_fingerprint
+    from kd.vocab import CROSS_TOKENIZER_LOSSES, TOKEN_LEVEL_LOSSES, tokenizer_fingerprint
 
     stamp = json.loads((Path(data).expanduser() / MANIFEST).read_text()).get("teacher_model")
     if not stamp:
         _check_unstamped(data, where, vocab_size)
         return
+    if stamp.get("text_path") and loss not in CROSS_TOKENIZER_LOSSES:
+        raise DatasetError(f"{where}.data={data}: written on the text path (a teacher with another tokenizer: "
+                           f"no per-token teacher log-probs), but {where}.loss.type={loss} needs them; use "
+                           f"{' or '.join(CROSS_TOKENIZER_LOSSES)}")
     fp = tokenizer_fingerprint(tok)
     wrote = f"teacher {stamp.get('path')} (tokenizer {stamp.get('tokenizer_fingerprint')}, vocab_size {stamp.get('vocab_size')})"
     if stamp.get("tokenizer_fingerprint") != fp:

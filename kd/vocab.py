@@ -18,6 +18,10 @@ from kd.errors import UserInputError
 # The others (dpkd, sft, pg_rkl) only score token sequences, so padding rows may differ.
 TOKEN_LEVEL_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "dpkd_token")
 SEQUENCE_LEVEL_LOSSES = ("dpkd", "sft", "pg_rkl")
+# Across tokenizers (the text path, docs/teachers.md) only what needs no token alignment: dpkd reads the
+# teacher's log-prob of each response's text as one sum, sft the teacher's text re-tokenized. pg_rkl
+# needs the teacher's log-prob of every student token, so it is refused with the token-level losses.
+CROSS_TOKENIZER_LOSSES = ("dpkd", "sft")
 
 
 class VocabError(UserInputError):
@@ -55,6 +59,25 @@ def token_level_losses(cfg) -> list[str]:
     named = [(f"schedule[{i}].loss.type" if cfg.schedule else "loss.type", ph.loss.type)
              for i, ph in enumerate(phases)]
     return [f"{where}={t}" for where, t in named if t in TOKEN_LEVEL_LOSSES]
+
+
+def cross_tokenizer_refusals(cfg) -> list[str]:
+    """'schedule[i].loss.type=NAME' (or 'loss.type=NAME') for each phase whose loss cannot work across
+    tokenizers (anything outside ``CROSS_TOKENIZER_LOSSES``)."""
+    where = "schedule[{}].loss.type" if cfg.schedule else "loss.type"
+    return [f"{where.format(i)}={ph.loss.type}" for i, ph in enumerate(cfg.phases())
+            if ph.loss.type not in CROSS_TOKENIZER_LOSSES]
+
+
+def retokenize(ids: list[int], stopped: bool, src, dst) -> list[int]:
+    """A response in ``src``'s token ids as ``dst``'s, through its text. ``stopped``: it ended with
+    ``src``'s EOS, which is dropped before decoding (its text never reaches ``dst``) and replaced by
+    ``dst``'s EOS; a truncated response gets no EOS. Special tokens are control, not text: dropped."""
+    if stopped and ids and ids[-1] == src.eos_token_id:
+        ids = ids[:-1]
+    text = src.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    out = list(dst.encode(text, add_special_tokens=False))
+    return out + [dst.eos_token_id] if stopped else out
 
 
 def check_vocab_sizes(what_a: str, size_a: int | None, what_b: str, size_b: int | None, cfg) -> None:

@@ -19,6 +19,15 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_teacher_other_tokenizer(tmp_path_factory):
+    """A 2-layer tiny teacher whose tokenizer is not the tiny students' (vocab 320, other merges)."""
+    from kd.models import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("models_x") / "teacher_x", num_layers=2, seed=3,
+                               tokenizer_vocab=320))
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster shared by the integration tests."""
     import ray

@@ -83,7 +83,8 @@ def _rows(n, version=0):
         "rejected_teacher_logps": [[-2.0]] * n, "chosen_topk_ids": [None] * n, "chosen_topk_logps": [None] * n,
         "rejected_topk_ids": [None] * n, "rejected_topk_logps": [None] * n,
         "rejected_behaviour_logps": [[-1.0]] * n, "policy_version": [version] * n, "priming": ["none"] * n,
-        "created_at": [0.0] * n, "reference_answer": [None] * n, "teacher_name": [None] * n}, schema=BUFFER_SCHEMA)
+        "created_at": [0.0] * n, "reference_answer": [None] * n, "teacher_name": [None] * n,
+        "chosen_teacher_logp_sum": [None] * n, "rejected_teacher_logp_sum": [None] * n}, schema=BUFFER_SCHEMA)
 
 
 def test_buffer_actor_backpressure_and_waiting_sample():

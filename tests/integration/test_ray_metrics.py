@@ -39,7 +39,8 @@ SCRIPT = textwrap.dedent('''
     n = 3
     rows = {f.name: [[] for _ in range(n)] for f in BUFFER_SCHEMA if pa.types.is_list(f.type)}
     rows.update(prompt_id=[f"p{i}" for i in range(n)], policy_version=[0] * n, priming=["none"] * n,
-                created_at=[0.0] * n, reference_answer=[None] * n, teacher_name=[None] * n)
+                created_at=[0.0] * n, reference_answer=[None] * n, teacher_name=[None] * n,
+                chosen_teacher_logp_sum=[None] * n, rejected_teacher_logp_sum=[None] * n)
     assert ray.get(buffer.add.remote(pa.Table.from_pydict(rows, schema=BUFFER_SCHEMA))) == n
     gens = ray.get(sampler.generate.remote([{"prompt_ids": [1, 30, 40]}, {"prompt_ids": [1, 31]}], seed=0))
     health = {key: 0.125 * (i + 1) for i, key in enumerate(metrics.HEALTH_GAUGES)}

@@ -76,7 +76,8 @@ def rows(**cols) -> pa.Table:
             "rejected_ids": [[]] * n, "chosen_teacher_logps": [[]] * n, "rejected_teacher_logps": [[]] * n,
             "chosen_topk_ids": [None] * n, "chosen_topk_logps": [None] * n, "rejected_topk_ids": [None] * n,
             "rejected_topk_logps": [None] * n, "rejected_behaviour_logps": [None] * n, "policy_version": [0] * n,
-            "priming": ["none"] * n, "created_at": [0.0] * n, "reference_answer": [None] * n, "teacher_name": [None] * n}
+            "priming": ["none"] * n, "created_at": [0.0] * n, "reference_answer": [None] * n, "teacher_name": [None] * n,
+        "chosen_teacher_logp_sum": [None] * n, "rejected_teacher_logp_sum": [None] * n}
     base.update(cols)
     return pa.Table.from_pydict(base, schema=BUFFER_SCHEMA)
 

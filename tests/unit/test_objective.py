@@ -50,6 +50,7 @@ def table(n=4, seed=0, k=3, offline=False):
         "rejected_topk_ids": [topk(s) for s in rejected], "rejected_topk_logps": [topl(s) for s in rejected],
         "rejected_behaviour_logps": [lps(s) for s in rejected], "policy_version": [-1 if offline else 0] * n,
         "priming": ["none"] * n, "created_at": [1.7e9 + i for i in range(n)], "reference_answer": [None] * n, "teacher_name": [None] * n,
+        "chosen_teacher_logp_sum": [None] * n, "rejected_teacher_logp_sum": [None] * n,
     }, schema=BUFFER_SCHEMA)
 
 

@@ -17,6 +17,7 @@ def rows(n: int, version: int = 0, start: int = 0) -> pa.Table:
         "rejected_topk_ids": [None] * n, "rejected_topk_logps": [None] * n,
         "rejected_behaviour_logps": [[-1.0]] * n, "policy_version": [version] * n,
         "priming": ["none"] * n, "created_at": [0.0] * n, "reference_answer": [None] * n, "teacher_name": [None] * n,
+        "chosen_teacher_logp_sum": [None] * n, "rejected_teacher_logp_sum": [None] * n,
     }, schema=BUFFER_SCHEMA)
 
 
