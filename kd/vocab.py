@@ -52,21 +52,21 @@ def check_embedding_covers_tokenizer(model_dir: str | Path, tok) -> int | None:
     return size
 
 
+def _phase_losses(cfg) -> list[tuple[str, str]]:
+    """('schedule[i].loss.type' (or 'loss.type' without a schedule), NAME) for each phase of the run."""
+    return [(f"schedule[{i}].loss.type" if cfg.schedule else "loss.type", ph.loss.type)
+            for i, ph in enumerate(cfg.phases())]
+
+
 def token_level_losses(cfg) -> list[str]:
-    """'schedule[i].loss.type=NAME' (or 'loss.type=NAME' without a schedule) for each phase of the run
-    whose loss needs equal vocabularies."""
-    phases = cfg.phases()
-    named = [(f"schedule[{i}].loss.type" if cfg.schedule else "loss.type", ph.loss.type)
-             for i, ph in enumerate(phases)]
-    return [f"{where}={t}" for where, t in named if t in TOKEN_LEVEL_LOSSES]
+    """'WHERE=NAME' for each phase of the run whose loss needs equal vocabularies."""
+    return [f"{where}={t}" for where, t in _phase_losses(cfg) if t in TOKEN_LEVEL_LOSSES]
 
 
 def cross_tokenizer_refusals(cfg) -> list[str]:
-    """'schedule[i].loss.type=NAME' (or 'loss.type=NAME') for each phase whose loss cannot work across
-    tokenizers (anything outside ``CROSS_TOKENIZER_LOSSES``)."""
-    where = "schedule[{}].loss.type" if cfg.schedule else "loss.type"
-    return [f"{where.format(i)}={ph.loss.type}" for i, ph in enumerate(cfg.phases())
-            if ph.loss.type not in CROSS_TOKENIZER_LOSSES]
+    """'WHERE=NAME' for each phase whose loss cannot work across tokenizers (anything outside
+    ``CROSS_TOKENIZER_LOSSES``)."""
+    return [f"{where}={t}" for where, t in _phase_losses(cfg) if t not in CROSS_TOKENIZER_LOSSES]
 
 
 def retokenize(ids: list[int], stopped: bool, src, dst) -> list[int]:
