@@ -155,6 +155,20 @@ class Learner:
         torch.set_num_threads(n)
         return torch.get_num_threads()
 
+    def set_lr(self, lr: float) -> float:
+        """The peak learning rate from now on (a schedule's phase may set its own); the warm-up
+        factor of the current step still applies. Returns the rate of the next step."""
+        sched = self.scheduler
+        if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):  # a DeepSpeed config's own scheduler
+            if lr != self.lcfg.lr:
+                raise ValueError(f"a phase's lr ({lr}) needs raykd's own optimizer and scheduler; "
+                                 "learner.deepspeed_config sets its own")
+            return self._lr()
+        sched.base_lrs = [lr for _ in sched.base_lrs]
+        for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
+        return self._lr()
+
     def info(self) -> dict:
         """What this rank runs: for tests and the run's log."""
         params = list(self.engine.module.parameters())
@@ -209,6 +223,7 @@ class Learner:
         self.engine.train()
         sums: dict[str, list[float]] = {}  # key -> [value sum, weight]
         summed = _summed_metrics()
+        lr = self._lr()  # the rate this step uses (the scheduler moves on with the step)
         healthy: dict = {}  # kd.health sums of this rank's part: added to `sums` as they are
         grad_norm = None
         for rows in parts:
@@ -233,7 +248,7 @@ class Learner:
             sums[k] = [v, w]
         metrics = self._reduce_metrics(sums, summed)
         versions = [v for v in table.column("policy_version").to_pylist() if v >= 0]
-        metrics.update(lr=self._lr(), grad_norm=_grad_norm(self.engine, grad_norm),
+        metrics.update(lr=lr, grad_norm=_grad_norm(self.engine, grad_norm),
                        train_step_s=time.perf_counter() - t, learner_threads=torch.get_num_threads(),
                        batch_policy_version=sum(versions) / len(versions) if versions else 0.0)
         return metrics

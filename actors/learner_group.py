@@ -153,6 +153,10 @@ class LearnerGroup:
         """Every rank's torch CPU threads from now on; returns each rank's count."""
         return ray.get(self._all("set_threads", n))
 
+    def set_lr(self, lr: float) -> list[float]:
+        """Every rank's peak learning rate from now on; returns each rank's rate for the next step."""
+        return ray.get(self._all("set_lr", lr))
+
     def weights_ref(self) -> ray.ObjectRef:
         """Rank 0's full state dict, left in the object store (every rank joins the gather)."""
         return self._all("get_weights")[0]

@@ -214,6 +214,9 @@ class PhaseConfig:
     # its own teacher pool, prompts and priming, into RUN_DIR/teacher-data (resumable)
     data: str | None = None
     loss: LossConfig | None = None  # this phase's loss (default: the top-level `loss`)
+    # this phase's peak learning rate (default: learner.lr); the warm-up of learner.warmup_steps
+    # still counts the run's steps, so a phase after it trains at this rate from its first step
+    lr: float | None = None
 
 
 @dataclass
@@ -281,7 +284,7 @@ class Config:
     def phases(self) -> list[PhaseConfig]:
         """The schedule with every phase's loss filled in."""
         phases = self.schedule or [PhaseConfig(kind="online", steps=self.learner.max_steps)]
-        return [dataclasses.replace(p, loss=p.loss or self.loss) for p in phases]
+        return [dataclasses.replace(p, loss=p.loss or self.loss, lr=p.lr or self.learner.lr) for p in phases]
 
     def teacher_pools(self) -> list[NamedTeacherConfig]:
         """Every teacher pool, named; the single-teacher config is one pool named 'default'."""
@@ -450,6 +453,11 @@ def validate(cfg: Config) -> Config:
     for i, ph in enumerate(cfg.schedule):
         where = f"schedule[{i}]"
         _check(ph.steps > 0, f"{where}.steps", ph.steps, "must be a positive integer")
+        if ph.lr is not None:
+            _check(ph.lr > 0, f"{where}.lr", ph.lr, "must be > 0")
+            _check(cfg.learner.deepspeed_config is None, f"{where}.lr", ph.lr,
+                   "cannot be combined with learner.deepspeed_config (its optimizer and scheduler set the "
+                   "rate); remove one")
         if ph.loss is not None:
             ph.loss = _check_loss(ph.loss, f"{where}.loss")
         loss = ph.loss or cfg.loss

@@ -261,6 +261,7 @@ class Trainer:
         while self.phase_index < len(self.phases):
             phase = self.phases[self.phase_index]
             self.actors.learners.set_threads(self._learner_threads(phase))
+            self.actors.learners.set_lr(phase.lr)
             producer = self._producer(phase)
             try:
                 while self.phase_step < phase.steps:

@@ -151,6 +151,23 @@ def test_two_ranks_and_accumulation_take_the_same_step_as_one(tiny_models):
         g.shutdown()
 
 
+def test_set_lr_changes_the_rate_of_the_next_step_and_keeps_the_warmup(tiny_models):
+    """A phase's own rate: Adam's first update moves every weight with a gradient by about lr (m/sqrt(v)
+    is +-1 on the first step), so after ``set_lr`` the largest change is the new rate times the
+    warm-up factor of that step (here 1/2), not learner.lr's."""
+    group = make_group("lr", tiny_models["student"], warmup_steps=2)
+    ray.get(group.ready_refs())
+    w0 = ray.get(group.weights_ref())
+    assert group.set_lr(4e-3) == [pytest.approx(4e-3 / 2)]  # step 1 of a 2-step warm-up
+    [m1] = train(group, [batch(4, 1)])
+    w1 = ray.get(group.weights_ref())
+    assert m1["lr"] == pytest.approx(2e-3)
+    assert max_diff(w1, w0) == pytest.approx(2e-3, rel=0.02)
+    [m2] = train(group, [batch(4, 2)])  # warm-up over: the new peak, not learner.lr (1e-3)
+    assert m2["lr"] == pytest.approx(4e-3)
+    group.shutdown()
+
+
 @pytest.mark.slow
 def test_zero3_two_ranks_matches_one_and_syncs_both_ways(tiny_models, tmp_path):
     """ZeRO-3 with K=2 takes the K=1 step (the same tolerance as above); its gathered weights reach
@@ -237,7 +254,7 @@ def test_resume_from_checkpoint_gives_the_same_weights(tiny_models, tmp_path, k,
     m2 = train(second, batches[2:])
     w2 = ray.get(second.weights_ref())
     assert max_diff(w1, w2) == 0.0  # bitwise (same ops, same order, same thread count)
-    assert [m["lr"] for m in m1] == [m["lr"] for m in m2] == pytest.approx([4e-3 / 6, 5e-3 / 6])  # warm-up
+    assert [m["lr"] for m in m1] == [m["lr"] for m in m2] == pytest.approx([3e-3 / 6, 4e-3 / 6])  # steps 3, 4 of a 6-step warm-up
     assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], abs=1e-6)
     assert {i["steps"] for i in second.info()} == {4}
     first.shutdown()

@@ -108,9 +108,10 @@ def test_schedule_of_phases(tmp_path):
     (ds / "manifest.json").write_text("{}")
     cfg = load_config(write(tmp_path, {"loss": {"type": "dpkd"}, "schedule": [
         {"kind": "offline", "steps": 3, "data": str(ds), "loss": {"type": "sft"}},
-        {"kind": "online", "steps": 5}]}))
+        {"kind": "online", "steps": 5, "lr": 1.0e-5}], "learner": {"lr": 2.0e-4}}))
     phases = cfg.phases()
-    assert [(p.kind, p.steps, p.loss.type) for p in phases] == [("offline", 3, "sft"), ("online", 5, "dpkd")]
+    assert [(p.kind, p.steps, p.loss.type, p.lr) for p in phases] == [("offline", 3, "sft", 2e-4),
+                                                                       ("online", 5, "dpkd", 1e-5)]
     assert cfg.total_steps() == 8
     assert load_config(write(tmp_path, {"learner": {"max_steps": 4}})).phases()[0].steps == 4
     # with a schedule, learner.max_steps shows the run's length; a different one is refused, not ignored
@@ -127,11 +128,20 @@ def test_schedule_of_phases(tmp_path):
     ({"kind": "online", "steps": 0}, "schedule[0].steps=0: must be a positive integer"),
     ({"kind": "sideways", "steps": 1}, "schedule[0].kind='sideways': must be one of 'online', 'offline'"),
     ({"kind": "online", "steps": 1, "loss": {"type": "nope"}}, "schedule[0].loss.type='nope'"),
+    ({"kind": "online", "steps": 1, "lr": 0}, "schedule[0].lr=0.0: must be > 0"),
 ])
 def test_bad_schedule(tmp_path, phase, expect):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, {"schedule": [phase]}))
     assert expect in str(e.value)
+
+
+def test_phase_lr_with_a_deepspeed_config_is_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}")
+    with pytest.raises(ConfigError, match=r"schedule\[0\].lr=0.001: cannot be combined with learner.deepspeed_config"):
+        load_config(write(tmp_path, {"learner": {"deepspeed_config": str(ds)},
+                                     "schedule": [{"kind": "online", "steps": 1, "lr": 1e-3}]}))
 
 
 def test_offline_phase_cannot_use_a_pairwise_loss(tmp_path):
