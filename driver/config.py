@@ -44,6 +44,10 @@ class ModelsConfig:
     # layers of the teacher kept in the student (used when models.student is None); the default
     # suits the default teacher's 30 layers
     student_keep_layers: list[int] | None = field(default_factory=lambda: [0, 7, 14, 21, 29])
+    # with the truncated student: keep only the first N ids of the teacher's BPE vocabulary (its
+    # special tokens, bytes and first merges; embedding and head rows likewise). A smaller student
+    # with another tokenizer, so the run takes the text path (docs/teachers.md)
+    student_vocab_size: int | None = None
     cache_dir: str | None = None  # default ~/.cache/raykd (or $RAYKD_CACHE)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False  # run model code shipped with a checkpoint (only for models you trust)
@@ -446,6 +450,11 @@ def validate(cfg: Config) -> Config:
            cfg.learner.batch_size, f"must be divisible by learner.num_learners ({cfg.learner.num_learners})")
     if cfg.models.student is None and cfg.models.student_keep_layers is None:
         raise ConfigError("models.student=None: set models.student or models.student_keep_layers")
+    if cfg.models.student_vocab_size is not None:
+        _check(cfg.models.student is None, "models.student_vocab_size", cfg.models.student_vocab_size,
+               f"trims the truncated student, but models.student={cfg.models.student!r} is given; unset one")
+        _check(cfg.models.student_vocab_size > 0, "models.student_vocab_size", cfg.models.student_vocab_size,
+               "must be a positive integer")
     src = cfg.data.source
     if src != "synthetic_math" and not src.startswith("hf:"):
         _check(src.endswith((".jsonl", ".json", ".parquet")), "data.source", src,

@@ -74,8 +74,9 @@ def prepare_models(cfg: Config, text_pools: set[str] | None = None) -> tuple[str
     if cfg.models.student is not None:
         student = resolve_model(cfg.models.student, cache)
     else:
-        keep = cfg.models.student_keep_layers
-        student = check_weights(truncate_layers(teacher, keep, truncated_student_dir(teacher, keep, cache)))
+        keep, vocab = cfg.models.student_keep_layers, cfg.models.student_vocab_size
+        student = check_weights(truncate_layers(teacher, keep, truncated_student_dir(teacher, keep, cache, vocab),
+                                                vocab))
     if text_pools is None:
         check_same_tokenizer(teacher, student)
         check_vocab_sizes(f"models.teacher ({teacher})", model_vocab_size(teacher),

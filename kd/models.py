@@ -125,7 +125,8 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def truncated_student_dir(teacher: Path, keep: list[int], cache_dir: Path | None = None) -> Path:
+def truncated_student_dir(teacher: Path, keep: list[int], cache_dir: Path | None = None,
+                          vocab_size: int | None = None) -> Path:
     """Where the student cut from ``teacher`` lives: under the raykd cache (never next to the teacher,
     which may be read-only or shared), keyed by the teacher's absolute path and the sizes and mtimes
     of its config and weight files, so two teachers never share a student and a changed teacher gets
@@ -136,15 +137,17 @@ def truncated_student_dir(teacher: Path, keep: list[int], cache_dir: Path | None
     for f in files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    tag = "-".join(map(str, keep))
+    tag = "-".join(map(str, keep)) + (f"-vocab{vocab_size}" if vocab_size else "")
     return Path(cache_dir or default_cache_dir()) / "students" / f"{teacher.name}-{h.hexdigest()[:12]}-keep{tag}"
 
 
-def truncate_layers(src: Path, keep: list[int], out: Path) -> Path:
+def truncate_layers(src: Path, keep: list[int], out: Path, vocab_size: int | None = None) -> Path:
     """Write a copy of the decoder at ``src`` keeping only the listed layers, in order.
 
     Initialising a student from a subset of the teacher's layers is a standard distillation start
-    (DistilBERT, Sheared-LLaMA's baselines); embeddings, final norm and head are kept whole.
+    (DistilBERT, Sheared-LLaMA's baselines); embeddings, final norm and head are kept whole, or with
+    ``vocab_size`` trimmed to the first ``vocab_size`` tokens of the teacher's byte-level BPE
+    (``trim_bpe_vocabulary``): a smaller student with another tokenizer.
     """
     out = Path(out)
     if (out / "config.json").is_file():
@@ -167,16 +170,56 @@ def truncate_layers(src: Path, keep: list[int], out: Path) -> Path:
     model.config.num_hidden_layers = len(keep)
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    tokenizer = AutoTokenizer.from_pretrained(src, **hf_kwargs())
+    if vocab_size:
+        tokenizer = trim_bpe_vocabulary(tokenizer, vocab_size)
+        model.resize_token_embeddings(vocab_size)  # keeps rows [0, vocab_size) of embedding and head
     tmp = _atomic_dir(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(src, **hf_kwargs()).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         with open(tmp / "raykd_truncation.json", "w") as f:
-            json.dump({"source": str(src), "keep_layers": list(keep)}, f)
+            json.dump({"source": str(src), "keep_layers": list(keep), "vocab_size": vocab_size}, f)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _commit_dir(tmp, out)
+
+
+def trim_bpe_vocabulary(tokenizer, size: int):
+    """``tokenizer`` (a byte-level BPE ``PreTrainedTokenizerFast``) cut to its first ``size`` ids: the
+    special tokens, the byte alphabet and the merges whose token falls below ``size``, in their
+    order (vocabulary trimming). Every text still encodes, rarer words in more pieces: another
+    tokenizer with other ids for the same text, whose ids index the first rows of the original
+    embedding table, so those rows keep what they learned."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    n = len(tokenizer)
+    if model.get("type") != "BPE" or not isinstance(model.get("merges"), list):
+        raise ModelSpecError(f"models.student_vocab_size={size}: trimming needs a BPE tokenizer "
+                             f"(this one is {model.get('type')})")
+    # below the first merge's token: the special tokens and the byte alphabet, which every text needs
+    base = model["vocab"]["".join(_pair(model["merges"][0]))] if model["merges"] else n
+    specials = [t["id"] for t in state.get("added_tokens", [])]
+    if not base < size < n or any(i >= size for i in specials):
+        raise ModelSpecError(f"models.student_vocab_size={size}: must be between the special tokens and "
+                             f"byte alphabet ({base} ids) and the teacher's vocabulary ({n})")
+    vocab = {tok: i for tok, i in model["vocab"].items() if i < size}
+    model["vocab"] = vocab
+    model["merges"] = [m for m in model["merges"] if all(t in vocab for t in (*_pair(m), "".join(_pair(m))))]
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+                                   **{k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token",
+                                                                          "unk_token") if getattr(tokenizer, k)})
+    fast.chat_template = tokenizer.chat_template
+    return fast
+
+
+def _pair(merge) -> tuple[str, str]:
+    """A merge as a pair (tokenizer.json writes ["a", "b"] or, in older files, "a b")."""
+    return tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ", 1))
 
 
 # ---------------------------------------------------------------------------------------------

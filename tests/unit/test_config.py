@@ -228,3 +228,11 @@ def test_offline_phase_divergence_must_use_the_teacher_text(tmp_path):
                                                      "loss": {"type": "rkl", "student_ratio": 0.0}}]}))
     assert cfg.phases()[0].loss.student_ratio == 0.0
     load_config(write(tmp_path, {"schedule": [{"kind": "offline", "steps": 2, "data": ds, "loss": {"type": "fkl"}}]}))
+
+
+def test_student_vocab_size_needs_the_truncated_student(tmp_path):
+    with pytest.raises(ConfigError, match=r"models.student_vocab_size=400: trims the truncated student, but "
+                                          r"models.student='tiny' is given"):
+        load_config(None, ["models.student=tiny", "models.student_vocab_size=400"])
+    with pytest.raises(ConfigError, match=r"models.student_vocab_size=0: must be a positive integer"):
+        load_config(None, ["models.student_vocab_size=0"])

@@ -85,3 +85,50 @@ def test_resuming_a_dataset_with_another_teacher_behind_the_same_spec_is_refused
     _check_manifest(tmp_path, {"teacher": "t"}, stamp)  # same teacher: resumes
     with pytest.raises(DatasetError, match=r"vocab_size: 491 -> 640"):
         _check_manifest(tmp_path, {"teacher": "t"}, {**stamp, "vocab_size": 640})
+
+
+def test_trimmed_bpe_is_the_bpe_trained_to_that_size():
+    """BPE training is greedy, so the tokenizer trained to 400 tokens is the first 400 of the one
+    trained to 512 on the same text: trimming must give exactly it (ids and splits)."""
+    from kd.models import tiny_tokenizer, trim_bpe_vocabulary
+
+    trimmed, trained = trim_bpe_vocabulary(tiny_tokenizer(512), 400), tiny_tokenizer(400)
+    assert trimmed.get_vocab() == trained.get_vocab()
+    for text in ("Tom has 3 apples and buys 5 more.", "Zebras jumped over 1234 lazy dogs; answer: 42 ü"):
+        assert trimmed.encode(text) == trained.encode(text)
+        assert trimmed.decode(trimmed.encode(text)) == text
+    assert trimmed.apply_chat_template([{"role": "user", "content": "2 + 2?"}], tokenize=False) == \
+        "<|im_start|>user\n2 + 2?<|im_end|>\n"
+
+
+def test_student_vocab_size_gives_a_smaller_student_with_the_teachers_first_rows(tmp_path, models):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    cfg = load_config(None, [f"models.teacher={models['tiny']}", "models.student_keep_layers=[1]",
+                             "models.student_vocab_size=400", f"models.cache_dir={tmp_path}"])
+    text_pools: set = set()
+    _, student = prepare_models(cfg, text_pools)
+    assert text_pools == {"default"}  # another tokenizer: the run takes the text path
+    assert json.loads((tmp_path / "students" / os.path.basename(student) / "config.json").read_text())[
+        "vocab_size"] == 400
+    assert len(AutoTokenizer.from_pretrained(student)) == 400
+    t, s = load_file(f"{models['tiny']}/model.safetensors"), load_file(f"{student}/model.safetensors")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in t:
+            assert s[key].shape[0] == 400 and torch.equal(s[key], t[key][:400]), key
+    with pytest.raises(Exception, match="use different tokenizers"):  # a caller without the text path
+        prepare_models(cfg)
+
+
+@pytest.mark.parametrize("size, expect", [
+    (100, "models.student_vocab_size=100: must be between the special tokens and byte alphabet (259 ids)"),
+    (491, "and the teacher's vocabulary (491)"),
+])
+def test_bad_student_vocab_size(tmp_path, models, size, expect):
+    cfg = load_config(None, [f"models.teacher={models['tiny']}", "models.student_keep_layers=[1]",
+                             f"models.student_vocab_size={size}", f"models.cache_dir={tmp_path}"])
+    with pytest.raises(Exception) as e:
+        prepare_models(cfg, set())
+    assert expect in str(e.value)
