@@ -16,7 +16,7 @@ quickstart: $(STAMP)
 
 # The whole test suite (unit + integration on a local Ray cluster; GPU tests skip without CUDA).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 # Unit tests only: seconds.
 test-fast: $(STAMP)
