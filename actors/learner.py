@@ -209,7 +209,7 @@ class Learner:
         """
         from kd import health
         from actors.replay_buffer import resolve_rows
-        from kd.objective import compute_loss, resolve_loss
+        from kd.objective import compute_loss, resolve_loss, teacher_pools
 
         table = resolve_rows(table)  # buffer.rows=object_store: fetch the rows from where they are
         if table.num_rows == 0:
@@ -225,13 +225,16 @@ class Learner:
         summed = _summed_metrics()
         lr = self._lr()  # the rate this step uses (the scheduler moves on with the step)
         healthy: dict = {}  # kd.health sums of this rank's part: added to `sums` as they are
+        pools = teacher_pools(table)  # the whole step's: the same on every rank
+        by_teacher: dict | None = {} if len(pools) > 1 else None  # METRIC/NAME sums, like `healthy`
         grad_norm = None
         for rows in parts:
             # An empty part still runs a forward/backward (on row 0, weight 0): under ZeRO-3 every
             # rank must run the same number of forwards, as each gathers parameters collectively.
             micro = table.take(rows or [0])
             loss, metrics = compute_loss(self.engine, micro, loss_cfg, self.pad_id, counts, self.world_size,
-                                         health=healthy if rows else None)
+                                         health=healthy if rows else None,
+                                         by_teacher=by_teacher if rows else None)
             self.engine.backward(loss if rows else loss * 0.0, scale_wrt_gas=False)
             if self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._plain_grad_norm()
@@ -244,9 +247,15 @@ class Learner:
                     acc[1] += w
         self.steps += 1
         health.add(healthy, self._row_health(mine))
+        if by_teacher is not None:
+            health.add(healthy, by_teacher)
+            health.add(healthy, self._row_health_by_teacher(mine, pools))
         for k, (v, w) in healthy.items():  # a mean over the step's positions / rows, all ranks
             sums[k] = [v, w]
         metrics = self._reduce_metrics(sums, summed)
+        if by_teacher is not None:
+            names = table.column("teacher_name").to_pylist()
+            metrics.update({f"rows/{p}": names.count(p) for p in pools})
         versions = [v for v in table.column("policy_version").to_pylist() if v >= 0]
         metrics.update(lr=lr, grad_norm=_grad_norm(self.engine, grad_norm),
                        train_step_s=time.perf_counter() - t, learner_threads=torch.get_num_threads(),
@@ -258,6 +267,21 @@ class Learner:
 
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
         return row_health(table, self.budgets, self.tokenizer.eos_token_id, decode)
+
+    def _row_health_by_teacher(self, table, pools: list[str]) -> dict:
+        """``kd.health.row_health`` of each pool's rows of ``table`` as ``METRIC/NAME`` (no decoding:
+        exact match is left to the whole batch's)."""
+        import pyarrow.compute as pc
+
+        from kd.health import row_health
+
+        out: dict = {}
+        for name in pools:
+            part = table.filter(pc.equal(table.column("teacher_name"), name))
+            if part.num_rows:
+                out.update({f"{k}/{name}": v for k, v in
+                            row_health(part, self.budgets, self.tokenizer.eos_token_id).items()})
+        return out
 
     def _reduce_metrics(self, sums: dict, summed: set) -> dict:
         """Metrics of the whole step: global sums for the globally normalised ones, row-weighted means

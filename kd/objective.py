@@ -200,6 +200,9 @@ class _Forward:
         self.pos = {s: {} for s in rows}
         for j, (s, i) in enumerate(order):
             self.pos[s][i] = j
+        # metric -> (numerator [n], denominator [n]) per table row, detached: what the terms computed
+        # row by row, for the per-teacher split (compute_loss's by_teacher)
+        self.per_row: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def take(self, side: str, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = [self.pos[side][i] for i in rows]
@@ -243,12 +246,16 @@ def _dpkd_term(fwd: _Forward, table, cfg, counts, metrics) -> torch.Tensor:
     ref_r = _teacher_logp_sums(table, "rejected", fwd.width, mr)
     main, cr, rr = L.dpkd_loss(pc, pr, ref_c, ref_r, mc.sum(-1), mr.sum(-1), beta=cfg.beta,
                                label_smoothing=cfg.label_smoothing, length_normalize=cfg.length_normalize)
-    metrics.update(
-        dpkd_loss=main.item(), chosen_reward=cr.mean().item(), rejected_reward=rr.mean().item(),
-        reward_margin=(cr - rr).mean().item(), reward_accuracy=(cr > rr).float().mean().item(),
-        chosen_logratio=((pc - ref_c) / mc.sum(-1).clamp(min=1)).mean().item(),
-        rejected_logratio=((pr - ref_r) / mr.sum(-1).clamp(min=1)).mean().item(),
-    )
+    with torch.no_grad():
+        rows = {"chosen_reward": cr, "rejected_reward": rr, "reward_margin": cr - rr,
+                "reward_accuracy": (cr > rr).float(),
+                "chosen_logratio": (pc - ref_c) / mc.sum(-1).clamp(min=1),
+                "rejected_logratio": (pr - ref_r) / mr.sum(-1).clamp(min=1)}
+        metrics["dpkd_loss"] = main.item()
+        metrics.update({k: v.mean().item() for k, v in rows.items()})
+        ones = torch.ones_like(cr)
+        fwd.per_row.update({k: (v.detach(), ones) for k, v in rows.items()})
+        fwd.per_row["sft_loss"] = (-pc.detach(), mc.sum(-1).to(pc.dtype))  # CE of y_t, by token: for free
     return main * (table.num_rows / counts["pairs"])  # a mean over the step's pairs, not this part's
 
 
@@ -302,8 +309,16 @@ def _main_rows(cfg, n: int, on_s: list[bool]) -> dict[str, list[int]]:
             "rejected": every if cfg.type in ("dpkd", "pg_rkl") else []}
 
 
+def teacher_pools(table: pa.Table) -> list[str]:
+    """The teacher pools (``teacher_name``, null left out) the rows come from, sorted."""
+    if "teacher_name" not in table.column_names:
+        return []
+    return sorted(n for n in table.column("teacher_name").unique().to_pylist() if n is not None)
+
+
 def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None = None,
-                 world_size: int = 1, health: dict | None = None) -> tuple[torch.Tensor, dict]:
+                 world_size: int = 1, health: dict | None = None,
+                 by_teacher: dict | None = None) -> tuple[torch.Tensor, dict]:
     """``kd_coef * main + sft_coef * CE(y_t)`` for ``cfg`` (a ``LossConfig``; None fields take the
     method's defaults) on ``table`` (buffer rows), plus float metrics. Each term is computed only when
     its weight is > 0.
@@ -311,7 +326,10 @@ def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None =
     ``counts``: ``token_counts`` of the whole step over all ranks (by default this table's own); every
     term is normalised by them, and the loss is multiplied by ``world_size`` (DeepSpeed averages).
     ``health``: a dict that receives ``kd.health.token_health`` sums of the sequences this forward
-    trained on (no_grad; the loss is unchanged)."""
+    trained on (no_grad; the loss is unchanged).
+    ``by_teacher``: a dict that receives, per teacher pool of the rows (``teacher_name``; rows without
+    one are left out), ``METRIC/NAME -> (sum, count)`` of the metrics that are means over rows or tokens
+    (the dpkd row metrics, the SFT cross entropy per token of y_t), from this forward (no_grad)."""
     cfg = resolve_loss(cfg)
     counts = counts or token_counts(table, cfg)
     n = table.num_rows
@@ -348,7 +366,35 @@ def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None =
     metrics["loss"] = loss.item()
     if health is not None:
         _health(fwd, table, rows, health)
+    if by_teacher is not None:
+        if cfg.sft_coef > 0 and "sft_loss" not in fwd.per_row:
+            fwd.per_row["sft_loss"] = _row_ce(fwd, n)
+        _split_by_teacher(table, fwd.per_row, by_teacher)
     return loss * float(world_size), metrics
+
+
+@torch.no_grad()
+def _row_ce(fwd: _Forward, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of y_t: the summed token cross entropy and the token count (row by row: no [n, R, V]
+    temporary)."""
+    sums, tokens = [], []
+    for i in range(n):
+        lc, ic, mc = fwd.take("chosen", [i])
+        sums.append(-(token_logps(lc, ic) * mc).sum())
+        tokens.append(mc.sum())
+    return torch.stack(sums).float(), torch.stack(tokens).float()
+
+
+def _split_by_teacher(table: pa.Table, per_row: dict, into: dict) -> None:
+    """Add ``per_row``'s numerators and denominators, summed over each teacher pool's rows, into
+    ``into`` as ``METRIC/NAME -> (sum, count)`` (``kd.health.add`` sums)."""
+    from kd import health
+
+    names = table.column("teacher_name").to_pylist() if "teacher_name" in table.column_names else []
+    for name in teacher_pools(table):
+        idx = torch.tensor([i for i, m in enumerate(names) if m == name])
+        health.add(into, {f"{k}/{name}": (float(num[idx].sum()), float(den[idx].sum()))
+                          for k, (num, den) in per_row.items()})
 
 
 def _health(fwd: _Forward, table: pa.Table, rows: dict[str, list[int]], into: dict) -> None:

@@ -6,6 +6,7 @@ import random
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import ray
 import torch
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 VOCAB = 40  # ids well inside every tiny model's vocabulary
 
 
-def batch(n: int, seed: int) -> pa.Table:
-    """``n`` buffer rows with varied prompt/response lengths (so how rows are split matters)."""
+def batch(n: int, seed: int, teachers: list | None = None) -> pa.Table:
+    """``n`` buffer rows with varied prompt/response lengths (so how rows are split matters), made by
+    the teacher pools ``teachers`` (one name per row; default none)."""
     rng = random.Random(seed)
 
     def ids(lo, hi):
@@ -42,7 +44,8 @@ def batch(n: int, seed: int) -> pa.Table:
                      "rejected_teacher_logps": [-rng.uniform(1, 5) for _ in r],
                      "chosen_topk_ids": c_ids, "chosen_topk_logps": c_lps, "rejected_topk_ids": r_ids,
                      "rejected_topk_logps": r_lps, "rejected_behaviour_logps": [-1.0] * len(r),
-                     "policy_version": 0, "priming": "none", "created_at": 0.0, "reference_answer": None})
+                     "policy_version": 0, "priming": "none", "created_at": 0.0, "reference_answer": None,
+                     "teacher_name": teachers[i] if teachers else None})
     return pa.Table.from_pylist(rows, schema=BUFFER_SCHEMA)
 
 
@@ -121,7 +124,8 @@ def test_two_ranks_and_accumulation_take_the_same_step_as_one(tiny_models):
               "accum": make_group("ga2", model, grad_accum_steps=2)}
     ray.get([r for g in groups.values() for r in g.ready_refs()])
     w0 = ray.get(groups["one"].weights_ref())
-    batches = [batch(4, 1), batch(4, 2)]
+    pools = ["x", "y", "x", "x"]  # the 2nd batch mixes two teacher pools: rank 0 gets x, x; rank 1 y, x
+    batches = [batch(4, 1, ["x"] * 4), batch(4, 2, pools)]
     metrics = {name: train(g, batches) for name, g in groups.items()}
     w = {name: ray.get(g.weights_ref()) for name, g in groups.items()}
     moved = max_diff(w["one"], w0)
@@ -134,6 +138,22 @@ def test_two_ranks_and_accumulation_take_the_same_step_as_one(tiny_models):
                         "top1_agreement", "topk_overlap", "teacher_topk_mass", "y_t_len", "y_s_len",
                         "y_t_truncated", "y_s_truncated"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, key)
+            assert set(a) == set(b), name
+            for key in (k for k in b if "/" in k):  # per teacher pool: summed over ranks, not averaged
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, key)
+    assert not any("/" in k for k in metrics["one"][0])  # one pool: no per-pool keys
+    mixed = metrics["one"][1]
+    assert {k for k in mixed if "/" in k} >= {f"{m}/{p}" for p in "xy" for m in (
+        "rows", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward", "sft_loss", "y_t_len",
+        "y_s_len")}
+    assert (mixed["rows/x"], mixed["rows/y"]) == (3, 1)
+    for p in "xy":
+        rows = batches[1].filter(pc.equal(batches[1].column("teacher_name"), p))
+        c = rows.column("chosen_ids").to_pylist()
+        assert mixed[f"y_t_len/{p}"] == pytest.approx(sum(map(len, c)) / len(c))
+    # the batch's mean is the pools' means weighted by their rows
+    for key in ("reward_margin", "chosen_reward", "y_s_len"):
+        assert mixed[key] == pytest.approx((3 * mixed[f"{key}/x"] + mixed[f"{key}/y"]) / 4, rel=1e-5)
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model).vocab_size

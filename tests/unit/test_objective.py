@@ -15,7 +15,7 @@ from kd.models import make_tiny_model
 import torch.nn.functional as F
 
 from kd.objective import (METHOD_DEFAULTS, compute_loss, loss_needs, pack, resolve_loss, response_logits,
-                          student_rows, token_counts, token_logps)
+                          student_rows, teacher_pools, token_counts, token_logps)
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +325,107 @@ def test_resolve_loss_fills_only_what_is_unset():
 def test_loss_needs(cfg, y_t, scores_t, y_s, topk):
     assert loss_needs(cfg) == {"y_t": y_t, "teacher_scores_y_t": scores_t, "y_s": y_s,
                                "teacher_scores_y_s": y_s, "teacher_topk": topk}
+
+
+# ------------------------------------------------------------------------------------ metrics by teacher pool
+
+NAMES = ["a", "b", "a", "a", "b", None, "b"]  # two pools and one row from before teacher_name was kept
+
+
+def pooled(n=7, seed=5, **kw):
+    t = table(n=n, seed=seed, **kw)
+    return t.set_column(t.schema.get_field_index("teacher_name"), "teacher_name", pa.array(NAMES[:n], pa.string()))
+
+
+@torch.no_grad()
+def ref_rewards(model, t, beta=0.1):
+    """Per row: (chosen reward, rejected reward) = beta/|y| * (log q(y) - log p(y)), from unpadded forwards."""
+    out = []
+    for r in t.to_pylist():
+        pair = []
+        for ids, ref in ((r["chosen_ids"], r["chosen_teacher_logps"]), (r["rejected_ids"], r["rejected_teacher_logps"])):
+            lq = row_logits(model, r["prompt_ids"], ids).log_softmax(-1)[torch.arange(len(ids)), torch.tensor(ids)].sum()
+            pair.append(float(beta / len(ids) * (lq - torch.tensor(ref).clamp(min=LOG_TINY).sum())))
+        out.append(pair)
+    return out
+
+
+def ratios(sums):
+    return {k: s / c for k, (s, c) in sums.items()}
+
+
+def test_teacher_pools():
+    assert teacher_pools(pooled()) == ["a", "b"]
+    assert teacher_pools(table()) == []  # rows without a teacher_name: no pool
+    assert teacher_pools(table().drop_columns(["teacher_name"])) == []
+
+
+def test_dpkd_metrics_by_teacher_match_each_pool_alone(model):
+    """Each pool's split of the mixed batch == the same metric computed on that pool's rows alone, and
+    == a direct computation; the unnamed row counts in no pool."""
+    t, cfg = pooled(), LossConfig(type="dpkd")  # dpkd's defaults: kd 0.5 + SFT 0.5
+    got: dict = {}
+    with torch.no_grad():
+        loss, _ = compute_loss(model, t, cfg, pad_id=0, by_teacher=got)
+        plain, _ = compute_loss(model, t, cfg, pad_id=0)
+    assert loss == plain  # the split changes nothing of the loss
+    got = ratios(got)
+    metrics = ["chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy", "chosen_logratio",
+               "rejected_logratio", "sft_loss"]
+    assert set(got) == {f"{m}/{p}" for m in metrics for p in "ab"}
+    rewards = ref_rewards(model, t)
+    for p in "ab":
+        idx = [i for i, n in enumerate(NAMES) if n == p]
+        with torch.no_grad():
+            _, alone = compute_loss(model, t.take(idx), cfg, pad_id=0)
+        for m in metrics:
+            assert got[f"{m}/{p}"] == pytest.approx(alone[m], rel=1e-5, abs=1e-6), m
+        margins = [rewards[i][0] - rewards[i][1] for i in idx]
+        assert got[f"reward_margin/{p}"] == pytest.approx(sum(margins) / len(idx), rel=1e-4, abs=1e-6)
+        assert got[f"chosen_reward/{p}"] == pytest.approx(sum(rewards[i][0] for i in idx) / len(idx), rel=1e-4, abs=1e-6)
+        assert got[f"reward_accuracy/{p}"] == pytest.approx(sum(m > 0 for m in margins) / len(idx))
+        with torch.no_grad():
+            assert got[f"sft_loss/{p}"] == pytest.approx(ref_ce(model, t.take(idx)).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind, extra", [("sft", {}), ("rkl", {"sft_coef": 0.5}), ("fkl", {"student_ratio": 0.0})])
+def test_sft_by_teacher_without_dpkd(model, kind, extra):
+    """Without dpkd's per-row log-probs the CE of y_t per pool is still there when there is an SFT term
+    (and nothing when there is none)."""
+    t = pooled()
+    got: dict = {}
+    with torch.no_grad():
+        compute_loss(model, t, LossConfig(type=kind, **extra), pad_id=0, by_teacher=got)
+    if kind == "fkl":
+        assert got == {}
+        return
+    assert set(got) == {"sft_loss/a", "sft_loss/b"}
+    for p in "ab":
+        idx = [i for i, n in enumerate(NAMES) if n == p]
+        with torch.no_grad():
+            assert ratios(got)[f"sft_loss/{p}"] == pytest.approx(ref_ce(model, t.take(idx)).item(), rel=1e-5)
+        assert got[f"sft_loss/{p}"][1] == sum(len(t.column("chosen_ids")[i].as_py()) for i in idx)  # tokens
+
+
+def test_by_teacher_sums_add_up_over_ranks_and_micro_batches(model):
+    """What the learner does: each rank's micro-batches add their (sum, count) into one dict, ranks add
+    theirs, one division at the end == the whole batch in one go (not a mean of means: parts hold
+    different numbers of each pool's rows)."""
+    from actors.learner import split_rows
+    from kd import health
+
+    t, cfg = pooled(), LossConfig(type="dpkd")
+    whole: dict = {}
+    with torch.no_grad():
+        compute_loss(model, t, cfg, pad_id=0, by_teacher=whole)
+    total: dict = {}
+    for rank in range(2):
+        for rows in split_rows(t.num_rows, rank, 2, 2):
+            part: dict = {}
+            with torch.no_grad():
+                compute_loss(model, t.take(rows), cfg, pad_id=0, counts=token_counts(t, cfg), world_size=2,
+                             by_teacher=part)
+            health.add(total, part)
+    assert set(total) == set(whole)
+    for k, v in ratios(whole).items():
+        assert ratios(total)[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
