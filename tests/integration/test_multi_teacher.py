@@ -68,3 +68,16 @@ def test_two_teachers_route_every_prompt_by_its_task_field(tiny_models, tmp_path
     assert all(0 < this_session[t] <= expected[t] for t in expected)
     assert sum(this_session.values()) < summary["pairs_added"]
     assert sum(summary["buffer"]["size_by_teacher"].values()) == summary["buffer"]["size"]
+    # the learner's metrics by teacher pool, on the steps whose batch mixed both (absent on the others)
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    mixed = [m for m in steps if any(k.startswith("rows/") for k in m)]
+    assert mixed, "no step's batch held rows of both teachers"
+    for m in mixed:
+        assert {k for k in m if k.startswith("rows/")} == {"rows/math", "rows/code"}
+        assert m["rows/math"] >= 1 and m["rows/code"] >= 1 and m["rows/math"] + m["rows/code"] == 4
+        for t in ("math", "code"):
+            assert {f"reward_margin/{t}", f"sft_loss/{t}", f"y_t_len/{t}", f"y_s_len/{t}"} <= set(m)
+            assert 0 <= m[f"reward_accuracy/{t}"] <= 1 and 1 <= m[f"y_t_len/{t}"] <= 6
+    for m in steps:
+        if m not in mixed:
+            assert not any("/" in k for k in m)
