@@ -92,17 +92,22 @@ def ref_ce(model, t):
     return F.cross_entropy(logits, torch.tensor([x for r in rows for x in r["chosen_ids"]]))
 
 
-def ref_dpkd(model, t, beta=0.1):
-    """-log sigmoid(beta/|y_t| log(q(y_t)/p(y_t)) - beta/|y_s| log(q(y_s)/p(y_s))), batch mean."""
-    zs = []
+def ref_rewards(model, t, beta=0.1):
+    """Per row: (chosen reward, rejected reward) = beta/|y| * (log q(y) - log p(y)), from unpadded forwards."""
+    out = []
     for r in t.to_pylist():
         terms = []
         for ids, ref in ((r["chosen_ids"], r["chosen_teacher_logps"]), (r["rejected_ids"], r["rejected_teacher_logps"])):
             lq = row_logits(model, r["prompt_ids"], ids).log_softmax(-1)[torch.arange(len(ids)), torch.tensor(ids)].sum()
             lp = torch.tensor(ref).clamp(min=LOG_TINY).sum()
             terms.append(beta / len(ids) * (lq - lp))
-        zs.append(terms[0] - terms[1])
-    return -F.logsigmoid(torch.stack(zs)).mean()
+        out.append(terms)
+    return out
+
+
+def ref_dpkd(model, t, beta=0.1):
+    """-log sigmoid(beta/|y_t| log(q(y_t)/p(y_t)) - beta/|y_s| log(q(y_s)/p(y_s))), batch mean."""
+    return -F.logsigmoid(torch.stack([c - r for c, r in ref_rewards(model, t, beta)])).mean()
 
 
 def ref_divergence_sum(kind, logits, ids, lps):
@@ -337,19 +342,6 @@ def pooled(n=7, seed=5, **kw):
     return t.set_column(t.schema.get_field_index("teacher_name"), "teacher_name", pa.array(NAMES[:n], pa.string()))
 
 
-@torch.no_grad()
-def ref_rewards(model, t, beta=0.1):
-    """Per row: (chosen reward, rejected reward) = beta/|y| * (log q(y) - log p(y)), from unpadded forwards."""
-    out = []
-    for r in t.to_pylist():
-        pair = []
-        for ids, ref in ((r["chosen_ids"], r["chosen_teacher_logps"]), (r["rejected_ids"], r["rejected_teacher_logps"])):
-            lq = row_logits(model, r["prompt_ids"], ids).log_softmax(-1)[torch.arange(len(ids)), torch.tensor(ids)].sum()
-            pair.append(float(beta / len(ids) * (lq - torch.tensor(ref).clamp(min=LOG_TINY).sum())))
-        out.append(pair)
-    return out
-
-
 def ratios(sums):
     return {k: s / c for k, (s, c) in sums.items()}
 
@@ -373,7 +365,8 @@ def test_dpkd_metrics_by_teacher_match_each_pool_alone(model):
     metrics = ["chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy", "chosen_logratio",
                "rejected_logratio", "sft_loss"]
     assert set(got) == {f"{m}/{p}" for m in metrics for p in "ab"}
-    rewards = ref_rewards(model, t)
+    with torch.no_grad():
+        rewards = [(float(c), float(r)) for c, r in ref_rewards(model, t)]
     for p in "ab":
         idx = [i for i, n in enumerate(NAMES) if n == p]
         with torch.no_grad():
