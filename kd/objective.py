@@ -203,6 +203,7 @@ class _Forward:
         # metric -> (numerator [n], denominator [n]) per table row, detached: what the terms computed
         # row by row, for the per-teacher split (compute_loss's by_teacher)
         self.per_row: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.y_t_ce: tuple[torch.Tensor, torch.Tensor] | None = None  # dpkd's, for sft_loss per pool
 
     def take(self, side: str, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = [self.pos[side][i] for i in rows]
@@ -255,7 +256,7 @@ def _dpkd_term(fwd: _Forward, table, cfg, counts, metrics) -> torch.Tensor:
         metrics.update({k: v.mean().item() for k, v in rows.items()})
         ones = torch.ones_like(cr)
         fwd.per_row.update({k: (v.detach(), ones) for k, v in rows.items()})
-        fwd.per_row["sft_loss"] = (-pc.detach(), mc.sum(-1).to(pc.dtype))  # CE of y_t, by token: for free
+        fwd.y_t_ce = (-pc.detach(), mc.sum(-1).to(pc.dtype))  # CE of y_t per row and its tokens: for free
     return main * (table.num_rows / counts["pairs"])  # a mean over the step's pairs, not this part's
 
 
@@ -367,8 +368,8 @@ def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None =
     if health is not None:
         _health(fwd, table, rows, health)
     if by_teacher is not None:
-        if cfg.sft_coef > 0 and "sft_loss" not in fwd.per_row:
-            fwd.per_row["sft_loss"] = _row_ce(fwd, n)
+        if cfg.sft_coef > 0:
+            fwd.per_row["sft_loss"] = fwd.y_t_ce or _row_ce(fwd, n)
         _split_by_teacher(table, fwd.per_row, by_teacher)
     return loss * float(world_size), metrics
 

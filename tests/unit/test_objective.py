@@ -381,16 +381,20 @@ def test_dpkd_metrics_by_teacher_match_each_pool_alone(model):
             assert got[f"sft_loss/{p}"] == pytest.approx(ref_ce(model, t.take(idx)).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("kind, extra", [("sft", {}), ("rkl", {"sft_coef": 0.5}), ("fkl", {"student_ratio": 0.0})])
-def test_sft_by_teacher_without_dpkd(model, kind, extra):
-    """Without dpkd's per-row log-probs the CE of y_t per pool is still there when there is an SFT term
-    (and nothing when there is none)."""
+@pytest.mark.parametrize("kind, extra", [("sft", {}), ("rkl", {"sft_coef": 0.5}), ("fkl", {"student_ratio": 0.0}),
+                                         ("dpkd", {"sft_coef": 0.0})])
+def test_sft_by_teacher_only_with_an_sft_term(model, kind, extra):
+    """Without dpkd's per-row log-probs the CE of y_t per pool is still there when there is an SFT term,
+    and absent when there is none."""
     t = pooled()
     got: dict = {}
     with torch.no_grad():
         compute_loss(model, t, LossConfig(type=kind, **extra), pad_id=0, by_teacher=got)
     if kind == "fkl":
         assert got == {}
+        return
+    if kind == "dpkd":  # no SFT term: no sft_loss, as for the whole batch
+        assert not any(k.startswith("sft_loss") for k in got) and "reward_margin/a" in got
         return
     assert set(got) == {"sft_loss/a", "sft_loss/b"}
     for p in "ab":
