@@ -494,10 +494,40 @@ def reverse_kl_policy_gradient(student_logps, behaviour_logps, teacher_logps, ma
     live = mask != 0
     s = _up(student_logps)
     # The teacher floor keeps a -inf teacher log-prob (a token it rules out) a large, finite penalty.
-    b, t = _up(behaviour_logps).detach(), _up(teacher_logps).detach().clamp(min=_LOG_TINY)
+    t = _up(teacher_logps).detach().clamp(min=_LOG_TINY)
     # where(), not multiplication, so that padding holding inf/NaN cannot leak into values or gradients.
     rewards = torch.where(live, t - s.detach(), 0.0)
     adv = rewards if gamma == 0 else _discounted_future_sum(rewards, gamma)
+    return _clipped_surrogate(s, behaviour_logps, adv, live, clip_ratio, num_tokens, reverse_kl=-rewards.sum())
+
+
+def sequence_reverse_kl_policy_gradient(student_logps, behaviour_logps, teacher_seq_logps, mask,
+                                        clip_ratio=0.2, *, num_tokens=None):
+    """``reverse_kl_policy_gradient`` when the teacher gives one log-prob per sequence: its log-prob
+    of the same text under its own tokenizer (the text path, docs/teachers.md), so no per-token reward
+    exists. Every token of row ``b`` gets the sequence's reward as its advantage,
+    ``A_b = log p(y) - sum_t log q(y_t)`` (student detached; REINFORCE on the sequence-level reverse
+    KL, whose gradient is ``E_q[grad log q(y) * (log q(y) - log p(y))]``), in the same clipped
+    surrogate. ``teacher_seq_logps``: ``[B]``. Stats as ``reverse_kl_policy_gradient``'s."""
+    if not clip_ratio >= 0:
+        raise ValueError(f"clip_ratio must be >= 0, got {clip_ratio}")
+    if not (student_logps.shape == behaviour_logps.shape == mask.shape
+            and teacher_seq_logps.shape == student_logps.shape[:1]):
+        raise ValueError("student_logps, behaviour_logps and mask must share one shape [B, T] and "
+                         "teacher_seq_logps be [B], got "
+                         f"{[tuple(x.shape) for x in (student_logps, behaviour_logps, mask, teacher_seq_logps)]}")
+    live = mask != 0
+    s = _up(student_logps)
+    t = _up(teacher_seq_logps).detach()
+    seq_reward = t - torch.where(live, s.detach(), 0.0).sum(-1)
+    adv = torch.where(live, seq_reward[:, None], 0.0)
+    return _clipped_surrogate(s, behaviour_logps, adv, live, clip_ratio, num_tokens, reverse_kl=-seq_reward.sum())
+
+
+def _clipped_surrogate(s, behaviour_logps, adv, live, clip_ratio, num_tokens, reverse_kl):
+    """``-sum min(rho*A, clip(rho, 1-eps, 1+eps)*A) / num_tokens`` with ``rho = exp(s - behaviour)``,
+    and the batch's stats (``reverse_kl``: the summed reverse-KL estimate, divided here per token)."""
+    b = _up(behaviour_logps).detach()
     ratio = torch.where(live, s - b, 0.0).exp()
     clipped = ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
     per_token = torch.where(live, -torch.minimum(ratio * adv, clipped * adv), 0.0)
@@ -507,7 +537,7 @@ def reverse_kl_policy_gradient(student_logps, behaviour_logps, teacher_logps, ma
         n = live.sum().clamp(min=1)
         clip_active = ((adv > 0) & (ratio > 1 + clip_ratio)) | ((adv < 0) & (ratio < 1 - clip_ratio))
         stats = {
-            "reverse_kl": -rewards.sum() / n,
+            "reverse_kl": reverse_kl / n,
             "clip_frac": (clip_active & live).sum() / n,
             "ratio_mean": torch.where(live, ratio, 0.0).sum() / n,
             "advantage_mean": torch.where(live, adv, 0.0).sum() / n,

@@ -290,12 +290,30 @@ def _divergence_term(fwd: _Forward, table, cfg, counts, metrics, on_s: list[bool
 
 
 def _pg_term(fwd: _Forward, table, cfg, counts, metrics) -> torch.Tensor:
+    """On-policy reverse KL on y_s: per token where the teacher scored each student token, per
+    sequence for rows of the text path (a teacher with another tokenizer gives one log-prob of y_s's
+    text: ``L.sequence_reverse_kl_policy_gradient``). Both over the step's y_s token count."""
     lr, ir, mr = fwd.take("rejected", range(table.num_rows))
+    student = token_logps(lr, ir)
     behaviour = pad_2d(table.column("rejected_behaviour_logps").to_pylist(), fwd.width)
-    teacher = pad_2d(table.column("rejected_teacher_logps").to_pylist(), fwd.width)
-    main, stats = L.reverse_kl_policy_gradient(token_logps(lr, ir), behaviour, teacher, mr,
-                                               num_tokens=counts["rejected"])
-    metrics.update(pg_loss=main.item(), **{k: float(v) for k, v in stats.items()})
+    sums = table.column("rejected_teacher_logp_sum").to_pylist()
+    parts = []  # (loss, stats, live tokens) of the per-token rows and of the text-path rows
+    token_rows = torch.tensor([i for i, v in enumerate(sums) if v is None], dtype=torch.long)
+    text_rows = torch.tensor([i for i, v in enumerate(sums) if v is not None], dtype=torch.long)
+    if len(token_rows):
+        teacher = pad_2d(table.take(token_rows.tolist()).column("rejected_teacher_logps").to_pylist(), fwd.width)
+        parts.append((*L.reverse_kl_policy_gradient(student[token_rows], behaviour[token_rows], teacher,
+                                                    mr[token_rows], num_tokens=counts["rejected"]),
+                      mr[token_rows].sum()))
+    if len(text_rows):
+        seq = torch.tensor([sums[i] for i in text_rows.tolist()], dtype=student.dtype)
+        parts.append((*L.sequence_reverse_kl_policy_gradient(student[text_rows], behaviour[text_rows], seq,
+                                                             mr[text_rows], num_tokens=counts["rejected"]),
+                      mr[text_rows].sum()))
+    main = sum(p[0] for p in parts)
+    live = sum(float(p[2]) for p in parts) or 1.0
+    stats = {k: sum(float(p[1][k]) * float(p[2]) for p in parts) / live for k in parts[0][1]}
+    metrics.update(pg_loss=main.item(), **stats)
     return main
 
 

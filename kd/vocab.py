@@ -19,9 +19,9 @@ from kd.errors import UserInputError
 TOKEN_LEVEL_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "dpkd_token")
 SEQUENCE_LEVEL_LOSSES = ("dpkd", "sft", "pg_rkl")
 # Across tokenizers (the text path, docs/teachers.md) only what needs no token alignment: dpkd reads the
-# teacher's log-prob of each response's text as one sum, sft the teacher's text re-tokenized. pg_rkl
-# needs the teacher's log-prob of every student token, so it is refused with the token-level losses.
-CROSS_TOKENIZER_LOSSES = ("dpkd", "sft")
+# teacher's log-prob of each response's text as one sum, sft the teacher's text re-tokenized, pg_rkl
+# the teacher's log-prob of y_s's text as one sequence-level reward.
+CROSS_TOKENIZER_LOSSES = SEQUENCE_LEVEL_LOSSES
 
 
 class VocabError(UserInputError):

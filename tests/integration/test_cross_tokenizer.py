@@ -1,6 +1,7 @@
 """A teacher with another tokenizer (the text path) on a real local Ray: configs/cross_tokenizer.yaml,
 offline SeqKD then online DPKD, tiny models with different vocabularies."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from driver.config import load_config
+from driver.config import LossConfig, load_config
 from driver.online import run_online
 from driver.prepare import prepare
 
@@ -17,22 +18,26 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cross_tokenizer.yaml
 
 
 def test_cross_tokenizer_sft_then_dpkd_trains_and_reaches_the_sampler(tmp_path):
+    """The config's schedule with a sequence-level pg_rkl phase put between its two: every loss that
+    works across tokenizers trains on the text path in one run."""
     from transformers import AutoTokenizer
 
     cfg = load_config(CONFIG, [f"models.cache_dir={tmp_path / 'cache'}", f"run.runs_dir={tmp_path}"])
+    cfg.schedule.insert(1, dataclasses.replace(cfg.schedule[1], steps=2, loss=LossConfig(type="pg_rkl")))
     prep = prepare(cfg, str(tmp_path / "run"))
     assert prep.text_pools == {"default"}
     summary = run_online(cfg, prep, progress=False)
 
-    assert summary["steps"] == 8
+    assert summary["steps"] == 10
     # weights reached the sampler: the policy version went up and its greedy answer changed
     assert summary["policy_version"] >= 3 and summary["sampler_versions"] == [summary["policy_version"]]
     assert summary["probe"]["after"] != summary["probe"]["before"]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows)
-    sft = [r for r in rows if "reward_margin" not in r or r["reward_margin"] is None]
-    dpkd = [r for r in rows if r.get("reward_margin") is not None]
-    assert len(sft) == 2 and len(dpkd) == 6 and all(r["sft_loss"] is not None for r in sft)
+    sft, pg, dpkd = ([r for r in rows if r["phase"] == i] for i in range(3))
+    assert len(sft) == 2 and len(pg) == 2 and len(dpkd) == 6 and all(r["sft_loss"] is not None for r in sft)
+    # pg_rkl on y_s's text: the teacher's sum is its reward, a reverse-KL estimate per student token
+    assert all(math.isfinite(r["pg_loss"]) and r["reverse_kl"] > 0 and "reward_margin" not in r for r in pg)
     assert all(math.isfinite(r["dpkd_loss"]) and math.isfinite(r["reward_margin"]) for r in dpkd)
     assert dpkd[0]["loss"] != dpkd[-1]["loss"]  # the loss moved
 

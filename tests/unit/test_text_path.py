@@ -40,6 +40,12 @@ def teacher_logp(model, prompt: list[int], cont: list[int]) -> float:
     return sum(float(logits[len(prompt) - 1 + j, t]) for j, t in enumerate(cont))
 
 
+def logps_of(model, prompt: list[int], cont: list[int]) -> torch.Tensor:
+    """log q(cont_j | prompt, cont_<j) for each j, with the gradient (a plain forward, one sequence)."""
+    logits = model(torch.tensor([prompt + cont])).logits[0].float().log_softmax(-1)
+    return torch.stack([logits[len(prompt) - 1 + j, t] for j, t in enumerate(cont)])
+
+
 def test_the_tiny_tokenizers_really_differ(toks):
     s_tok, t_tok = toks
     text = "Sara reads 20 pages on Monday."
@@ -121,14 +127,48 @@ def test_dpkd_on_text_path_rows_uses_the_teachers_sums(tiny_models):
     assert math.isfinite(metrics["reward_margin"])
 
 
-@pytest.mark.parametrize("loss", ["fkl", "pg_rkl", "dpkd_token"])
+def test_pg_rkl_on_text_path_rows_is_reinforce_on_the_sequence_reward(tiny_models):
+    """On-policy (student = behaviour, so the ratio is 1 and no clipping binds): the loss is
+    -sum_b A_b * sum_t log q(y_t) / N with A_b = T_b - log q(y_s) held constant, so its value is
+    -sum_b A_b * |y_s,b| / N and its gradient that of -sum_b A_b * log q(y_s,b) / N."""
+    from transformers import AutoModelForCausalLM
+
+    from driver.config import LossConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32)
+    table = text_rows()
+    rows = table.to_pylist()
+    with torch.no_grad():
+        q = [float(logps_of(model, r["prompt_ids"], r["rejected_ids"]).sum()) for r in rows]
+        for r in rows:  # the sampler's log-probs of its own tokens: the current student's
+            r["rejected_behaviour_logps"] = logps_of(model, r["prompt_ids"], r["rejected_ids"]).tolist()
+    table = pa.Table.from_pylist(rows, schema=BUFFER_SCHEMA)
+    n = sum(len(r["rejected_ids"]) for r in rows)
+    adv = [r["rejected_teacher_logp_sum"] - qb for r, qb in zip(rows, q)]
+    cfg = LossConfig(type="pg_rkl", kd_coef=1.0, sft_coef=0.0)
+    model.zero_grad()
+    loss, metrics = compute_loss(model, table, cfg, pad_id=0)
+    loss.backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert float(loss.detach()) == pytest.approx(-sum(a * len(r["rejected_ids"]) for a, r in zip(adv, rows)) / n,
+                                                 rel=1e-4)
+    assert metrics["reverse_kl"] == pytest.approx(-sum(adv) / n, rel=1e-4)
+    model.zero_grad()
+    ref = -sum(a * logps_of(model, r["prompt_ids"], r["rejected_ids"]).sum() for a, r in zip(adv, rows)) / n
+    ref.backward()
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(got[k], p.grad, rtol=1e-3, atol=1e-6), k
+
+
+@pytest.mark.parametrize("loss", ["fkl", "dpkd_token"])
 def test_token_level_losses_on_text_path_rows_are_refused_by_the_learner(tiny_models, loss):
     from transformers import AutoModelForCausalLM
 
     from driver.config import LossConfig
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32)
-    with pytest.raises(ValueError, match=f"loss.type={loss} needs the teacher's log-probs token by token.*dpkd or sft"):
+    with pytest.raises(ValueError, match=f"loss.type={loss} needs the teacher's log-probs token by token.*dpkd or sft or pg_rkl"):
         compute_loss(model, text_rows(), LossConfig(type=loss), pad_id=0)
 
 
@@ -146,7 +186,7 @@ def test_rows_from_before_the_sum_columns_load_with_nulls():
 
 @pytest.mark.parametrize("sets, bad", [
     (["loss.type=fkl"], "loss.type=fkl"),
-    (["loss.type=pg_rkl"], "loss.type=pg_rkl"),
+    (["loss.type=rkl"], "loss.type=rkl"),
     (["schedule=[{kind: offline, steps: 2, loss: {type: sft}}, {kind: online, steps: 2, loss: {type: jsd}}]"],
      "schedule[1].loss.type=jsd"),
 ])
@@ -157,7 +197,7 @@ def test_a_token_level_loss_across_tokenizers_is_refused_before_ray(tiny_models,
         prepare(cfg, str(tmp_path / "run"))
     msg = str(e.value)
     assert "\n" not in msg and "vocab 320" in msg and "vocab 491" in msg and "different tokenizers" in msg
-    assert f"but {bad} needs" in msg and msg.endswith("use loss.type dpkd or sft (docs/teachers.md)")
+    assert f"but {bad} needs" in msg and msg.endswith("use loss.type dpkd or sft or pg_rkl (docs/teachers.md)")
     assert not (tmp_path / "run").exists()
 
 
@@ -175,7 +215,7 @@ def test_dpkd_across_tokenizers_takes_the_text_path_and_says_so(tiny_models, tin
     assert prep.text_pools == {"default"}
     assert capsys.readouterr().err.strip() == (
         "raykd: text path: models.teacher (tokenizer vocab 320) and models.student (tokenizer vocab 491) use "
-        "different tokenizers; responses cross between them as text; losses that work: dpkd, sft")
+        "different tokenizers; responses cross between them as text; losses that work: dpkd, sft, pg_rkl")
     questions = [row["question"] for row in synthetic_math(4, cfg.run.seed)]
     assert [r["prompt_id"] for r in prep.requests] == [row["id"] for row in synthetic_math(4, cfg.run.seed)]
     for r, q in zip(prep.requests, questions):  # each prompt through each model's own tokenizer and template
