@@ -37,29 +37,49 @@ class PromptRecord:
 # Built-in synthetic math problems
 # ---------------------------------------------------------------------------------------------
 
-# A varied lexicon, so that a model trained on these problems must copy names and items from the
-# question (what carries over to real word problems) rather than memorise a handful of them.
+# A varied lexicon and many templates, so that a model trained on these problems must copy names,
+# items and numbers from the question (what carries over to real word problems) rather than memorise a
+# handful of them: with 120 names and 96 items, a name-item pair recurs about once in 40 problems of 256.
 _NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jamal", "Kira", "Leo",
           "Maya", "Noah", "Olivia", "Pedro", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Victor", "Wendy", "Xavier",
           "Yara", "Zane", "Amir", "Bella", "Carlos", "Dana", "Elijah", "Fatima", "George", "Hana", "Ivan",
-          "Julia", "Kenji", "Lena", "Marco", "Nadia"]
+          "Julia", "Kenji", "Lena", "Marco", "Nadia", "Oscar", "Priya", "Rahul", "Sofia", "Tomas", "Ursula",
+          "Vera", "Wei", "Yusuf", "Zoe", "Aisha", "Brandon", "Camila", "Diego", "Elena", "Felix", "Gloria",
+          "Hassan", "Ingrid", "Jack", "Keisha", "Luis", "Mei", "Nina", "Omar", "Paula", "Ravi", "Sara",
+          "Theo", "Valentina", "Walter", "Ximena", "Yosef", "Zara", "Adam", "Beatriz", "Connor", "Daisy",
+          "Ethan", "Freya", "Gabriel", "Heidi", "Isaac", "Jasmine", "Kai", "Lucia", "Mateo", "Naomi", "Owen",
+          "Penny", "Reza", "Sienna", "Tyler", "Vivian", "William", "Aaliyah", "Boris", "Cameron", "Dmitri",
+          "Esther", "Finn", "Gemma", "Henry", "Imani", "Jonah", "Kathy", "Liam", "Mila", "Nathan", "Ollie",
+          "Pablo", "Rita", "Simon", "Tessa", "Uriel", "Violet", "Wanda", "Yvonne", "Zack", "Janet"]
 _ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards", "oranges",
           "cupcakes", "balloons", "crayons", "stamps", "coins", "beads", "flowers", "eggs", "bottles",
           "candles", "muffins", "tomatoes", "postcards", "batteries", "notebooks", "buttons", "ribbons",
           "tickets", "pebbles", "seeds", "lemons", "bananas", "toy cars", "comic books", "paper cranes",
-          "baseball cards", "jars of jam", "loaves of bread", "bags of rice", "boxes of tea", "potted plants"]
-_VEHICLES = ["train", "bus", "truck", "car", "boat", "cyclist"]
+          "baseball cards", "jars of jam", "loaves of bread", "bags of rice", "boxes of tea", "potted plants",
+          "pens", "erasers", "candy bars", "donuts", "pies", "sandwiches", "pizzas", "carrots", "potatoes",
+          "peaches", "pears", "plums", "cherries", "strawberries", "grapes", "watermelons", "pumpkins",
+          "socks", "shirts", "hats", "scarves", "gloves", "shoes", "towels", "blankets", "pillows", "cups",
+          "plates", "bowls", "spoons", "chairs", "tables", "lamps", "puzzles", "dolls", "kites", "robots",
+          "video games", "movies", "songs", "photos", "letters", "emails", "bricks", "nails", "screws",
+          "planks", "tiles", "bags of flour", "cartons of milk", "bars of soap", "rolls of tape", "cans of paint",
+          "packs of gum", "bunches of roses", "trees", "chickens", "goats", "cows", "fish"]
+_VEHICLES = ["train", "bus", "truck", "car", "boat", "cyclist", "plane", "ferry", "runner", "horse"]
+_PLACES = ["the store", "the market", "the bakery", "the fair", "the library", "the farm", "the school",
+           "the park", "the zoo", "the museum", "the beach", "the mall"]
+_JOBS = ["babysitting", "walking dogs", "mowing lawns", "tutoring", "washing cars", "delivering papers",
+         "painting fences", "selling lemonade", "raking leaves", "cleaning windows"]
 
 
 def _problem(rng: random.Random) -> tuple[str, str, int]:
-    """(question, worked solution, numeric answer) from one of several templates; the solution's
-    first line ends with the answer."""
+    """(question, worked solution, numeric answer) from one of 20 templates; the solution's first line
+    ends with the answer and every ``a op b = c`` in it holds."""
     name, friend = rng.sample(_NAMES, 2)
-    item = rng.choice(_ITEMS)
-    kind = rng.randrange(10)
+    item, other = rng.sample(_ITEMS, 2)
+    place, job = rng.choice(_PLACES), rng.choice(_JOBS)
+    kind = rng.randrange(20)
     a, b, c = rng.randint(2, 40), rng.randint(2, 12), rng.randint(2, 9)
     if kind == 0:
-        q = f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?"
+        q = f"{name} has {a} {item}. {name} buys {b} more at {place}. How many {item} does {name} have now?"
         ans = a + b
         sol = f"{name} starts with {a} and adds {b}: {a} + {b} = {ans}."
     elif kind == 1:
@@ -78,7 +98,8 @@ def _problem(rng: random.Random) -> tuple[str, str, int]:
         sol = f"Each friend gets {total} / {b} = {ans}."
     elif kind == 4:
         days = rng.randint(2, 6)
-        q = f"{name} earns ${c} per hour and works {b} hours a day for {days} days. How many dollars does {name} earn?"
+        q = (f"{name} earns ${c} per hour {job} and works {b} hours a day for {days} days. "
+             f"How many dollars does {name} earn?")
         ans = c * b * days
         sol = f"Per day {name} earns {c} * {b} = {c * b}, so in {days} days {c * b} * {days} = {ans}."
     elif kind == 5:
@@ -102,11 +123,72 @@ def _problem(rng: random.Random) -> tuple[str, str, int]:
         q = f"A {vehicle} travels at {speed} miles per hour for {b} hours. How many miles does it travel?"
         ans = speed * b
         sol = f"It travels {speed} * {b} = {ans}."
-    else:
+    elif kind == 9:
         q = (f"{name} had {2 * a} {item}, gave half of them to {friend}, and then found {b} more. "
              f"How many {item} does {name} have now?")
         ans = a + b
         sol = f"Half of {2 * a} is {2 * a} / 2 = {a}, then {a} + {b} = {ans}."
+    elif kind == 10:
+        x, y = rng.randint(2, 9), rng.randint(2, 9)
+        q = (f"At {place}, {item} cost ${x} each and {other} cost ${y} each. {name} buys {b} {item} and "
+             f"{c} {other}. How much does {name} spend?")
+        ans = b * x + c * y
+        sol = f"The {item} cost {b} * {x} = {b * x} and the {other} {c} * {y} = {c * y}, so {b * x} + {c * y} = {ans}."
+    elif kind == 11:
+        weeks = rng.randint(3, 10)
+        goal = c * 10 * weeks + a
+        q = (f"{name} saves ${c * 10} every week for {weeks} weeks. {name} wants to buy a bike that costs "
+             f"${goal}. How much more money does {name} need?")
+        ans = goal - c * 10 * weeks
+        sol = f"{name} saves {c * 10} * {weeks} = {c * 10 * weeks}, so {goal} - {c * 10 * weeks} = {ans}."
+    elif kind == 12:
+        age = rng.randint(5, 15)
+        q = (f"{name} is {age} years old. {friend} is {b} years older than {name}. How old will {friend} be "
+             f"in {c} years?")
+        ans = age + b + c
+        sol = f"{friend} is {age} + {b} = {age + b} now, so in {c} years {age + b} + {c} = {ans}."
+    elif kind == 13:
+        pct = rng.choice([10, 20, 25, 50])
+        price = rng.randint(2, 20) * 20
+        q = f"{name} wants a jacket that costs ${price}. It is on sale for {pct}% off. What is the sale price?"
+        off = price * pct // 100
+        ans = price - off
+        sol = f"The discount is {price} * {pct} / 100 = {off}, so the price is {price} - {off} = {ans}."
+    elif kind == 14:
+        w, h = rng.randint(3, 20), rng.randint(3, 20)
+        q = f"{name}'s garden is a rectangle {w} meters long and {h} meters wide. What is its perimeter in meters?"
+        ans = 2 * (w + h)
+        sol = f"Length plus width is {w} + {h} = {w + h}, so the perimeter is 2 * {w + h} = {ans}."
+    elif kind == 15:
+        per_day = rng.randint(10, 60)
+        q = (f"{name} reads {per_day} pages every day. How many pages does {name} read in {b} weeks?")
+        ans = per_day * 7 * b
+        sol = f"{b} weeks is {b} * 7 = {7 * b} days, so {per_day} * {7 * b} = {ans}."
+    elif kind == 16:
+        rows_, seats = b, c + 3
+        came = rng.randint(1, rows_ * seats - 1)
+        q = (f"The hall at {place} has {rows_} rows of {seats} chairs. {came} people come to the show. "
+             f"How many chairs are empty?")
+        ans = rows_ * seats - came
+        sol = f"There are {rows_} * {seats} = {rows_ * seats} chairs, so {rows_ * seats} - {came} = {ans}."
+    elif kind == 17:
+        first = a + 5
+        q = (f"{name} picked {first} {item} on Monday and {b} fewer on Tuesday. How many {item} did {name} "
+             f"pick on the two days?")
+        ans = first + first - b
+        sol = f"On Tuesday {first} - {b} = {first - b}, so in all {first} + {first - b} = {ans}."
+    elif kind == 18:
+        minutes = rng.randint(2, 9) * 5
+        q = (f"{name} spends {minutes} minutes {job} each day. How many hours does {name} spend {job} "
+             "in 12 days?")
+        ans = minutes * 12 // 60  # whole: 12 days of a multiple of 5 minutes
+        sol = f"{name} spends {minutes} * 12 = {minutes * 12} minutes, and {minutes * 12} / 60 = {ans}."
+    else:
+        groups = b
+        q = (f"{name} has {a * groups} {item} and {friend} has {c * groups} {other}. They pack all of them "
+             f"into {groups} equal bags. How many things are in each bag?")
+        ans = a + c
+        sol = f"Together {a * groups} + {c * groups} = {(a + c) * groups}, and {(a + c) * groups} / {groups} = {ans}."
     return q, sol, ans
 
 
