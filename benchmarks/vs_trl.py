@@ -10,7 +10,8 @@ student's own samples (TRL ``GKDConfig(lmbda=1, beta=0.5)``; raykd ``loss: {type
 student_ratio: 1, sft_coef: 0}``), samples of at most 64 new tokens at temperature 1, 4 prompts per step,
 AdamW at a constant learning rate of 1e-5, gradient clipping 1. raykd also runs with
 ``sampler.prompts_per_request=4``, ``sampler.max_in_flight=2``, ``sync.every_steps=2`` and the teacher's
-top-16 log-probs (its divergence is on those 16 plus one tail bucket; TRL's on the full vocabulary). TRL's
+top-16 log-probs (its divergence is on the whole vocabulary, the teacher's mass outside those 16 spread
+evenly over the other ids: ``loss.topk_tail: uniform``, the default; TRL's on the full logits). TRL's
 loss is taken as one token mean over the step's samples, as raykd's (``TokenMeanGKDTrainer`` below says
 why that needs a one-line override). Both see the same prompts, tokenised by raykd's ``driver.prepare.build_requests``
 (chat template and system prompt applied).

@@ -206,6 +206,9 @@ class LossConfig:
     temperature: float = 1.0
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
+    # divergences on a top-k teacher: its mass outside the top-k spread evenly over the other ids
+    # ("uniform", a full-vocabulary divergence) or lumped into one outcome ("bucket"); docs/losses.md
+    topk_tail: str = "uniform"
 
 
 @dataclass
@@ -570,6 +573,9 @@ def _check_loss(loss: LossConfig, where: str) -> LossConfig:
            "must be in [0, 0.5)")
     _check(0 <= loss.jsd_beta <= 1, f"{where}.jsd_beta", loss.jsd_beta, "must be in [0, 1]")
     _check(0 <= loss.skew_alpha < 1, f"{where}.skew_alpha", loss.skew_alpha, "must be in [0, 1)")
+    _check(loss.topk_tail in ("uniform", "bucket"), f"{where}.topk_tail", loss.topk_tail,
+           "must be 'uniform' (the teacher's tail mass spread over the ids outside its top-k) or 'bucket' "
+           "(the tail as one outcome)")
     return loss
 
 

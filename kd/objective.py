@@ -71,7 +71,7 @@ def pad_topk(rows: list, width: int, k: int, dtype, value) -> torch.Tensor:
     return out
 
 
-def topk_teacher(table: pa.Table, side: str, width: int) -> L.TopK:
+def topk_teacher(table: pa.Table, side: str, width: int, tail: str = "uniform") -> L.TopK:
     ids = table.column(f"{side}_topk_ids").to_pylist()
     lps = table.column(f"{side}_topk_logps").to_pylist()
     k = next((len(r[0]) for r in ids if r), 0)
@@ -79,7 +79,7 @@ def topk_teacher(table: pa.Table, side: str, width: int) -> L.TopK:
         raise ValueError(f"loss needs the teacher's top-k on '{side}' responses, but the rows have none "
                          "(set teacher.top_k_logprobs > 0)")
     # Padding positions are masked out of every loss; id 0 / log-prob 0 there is never read.
-    return L.TopK(pad_topk(ids, width, k, torch.long, 0), pad_topk(lps, width, k, torch.float32, 0.0))
+    return L.TopK(pad_topk(ids, width, k, torch.long, 0), pad_topk(lps, width, k, torch.float32, 0.0), tail)
 
 
 def response_logits(model, seqs: Seqs) -> torch.Tensor:
@@ -282,7 +282,7 @@ def _divergence_term(fwd: _Forward, table, cfg, counts, metrics, on_s: list[bool
         lx, _, mx = fwd.take(side, rows)
         if mx.sum() == 0:  # only empty responses: nothing to read, and no top-k to find
             continue
-        teacher = topk_teacher(table.take(rows), side, fwd.width)
+        teacher = topk_teacher(table.take(rows), side, fwd.width, cfg.topk_tail)
         main = main + fn(lx, teacher, mx, temperature=cfg.temperature, num_tokens=counts["divergence"], **kwargs)
     metrics[f"{cfg.type}_loss"] = main.item()
     metrics["student_rows"] = sum(on_s) / max(len(on_s), 1)

@@ -53,6 +53,7 @@ def test_int_field_accepts_int_float_field_accepts_int(tmp_path):
         ({}, ["data.source=prompts.csv"], "data.source='prompts.csv'"),
         ({}, ["buffer.sampling=random"], "buffer.sampling='random': must be one of 'fifo', 'uniform'"),
         ({}, ["loss.length_normalize=maybe"], "loss.length_normalize='maybe': expected true or false"),
+        ({}, ["loss.topk_tail=spread"], "loss.topk_tail='spread': must be 'uniform'"),
         ({}, ["learner.batch_size=5", "learner.num_learners=2"], "divisible by learner.num_learners"),
         ({"models": {"student_keep_layers": None}}, [], "models.student=None"),
         ({}, ["teacher.engine.resources=[1]"], "teacher.engine.resources=[1]: expected a mapping"),

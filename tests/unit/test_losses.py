@@ -23,13 +23,13 @@ def make(seed=0, b=B, t=T, v=V, dtype=torch.float32, scale=2.0):
     return student, teacher, mask
 
 
-def topk_of(teacher_logits, k, shuffle=False):
+def topk_of(teacher_logits, k, shuffle=False, tail="uniform"):
     lp = teacher_logits.float().log_softmax(-1)
     vals, ids = lp.topk(k, dim=-1)
     if shuffle:  # the loss must not assume the ids are sorted by probability
         perm = torch.randperm(k, generator=torch.Generator().manual_seed(1))
         vals, ids = vals[..., perm], ids[..., perm]
-    return TopK(ids, vals)
+    return TopK(ids, vals, tail)
 
 
 def token_mean(per_token, mask):
@@ -96,10 +96,47 @@ def test_skew_reference_other_alpha(name):
     torch.testing.assert_close(L.DIVERGENCES[name](s, t, m, alpha=0.4), want)
 
 
-def test_topk_matches_explicit_k_plus_one_buckets():
+def test_topk_uniform_tail_matches_the_full_vocabulary_divergence_of_the_spread_teacher():
+    # the teacher rebuilt over all V ids: its top-k probabilities, the rest of its mass split evenly
     s, t, m = make(5)
     k = 4
     top = topk_of(t, k, shuffle=True)
+    p_top = top.logprobs.exp()
+    p = ((1 - p_top.sum(-1, keepdim=True)) / (V - k)).expand(*p_top.shape[:-1], V).clone()
+    p.scatter_(-1, top.ids, p_top)
+    assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5)
+    for name in ALL_DIVS:
+        got = L.DIVERGENCES[name](s, top, m)
+        want = token_mean(ref_divergence(name, s.log_softmax(-1), p.log()), m)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        (g,) = torch.autograd.grad(got, s)
+        (g_ref,) = torch.autograd.grad(want, s)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_uniform_tail_sees_what_the_bucket_misses():
+    # a student that puts its tail mass on one id outside the teacher's top-k: the bucket only compares
+    # tail totals, so its loss is the same as for a student spreading the same mass; uniform is not blind
+    k, v = 2, 6
+    ids = torch.tensor([[[0, 1]]])
+    lps = torch.tensor([[[0.5, 0.2]]]).log()  # tail 0.3
+    peaked = torch.tensor([[[0.5, 0.2, 0.3, 0.0, 0.0, 0.0]]]).clamp(min=1e-9).log()
+    spread = torch.tensor([[[0.5, 0.2, 0.075, 0.075, 0.075, 0.075]]]).log()
+    m = torch.ones(1, 1, dtype=torch.bool)
+    bucket = [L.forward_kl(x, TopK(ids, lps, "bucket"), m).item() for x in (peaked, spread)]
+    uniform = [L.forward_kl(x, TopK(ids, lps, "uniform"), m).item() for x in (peaked, spread)]
+    assert bucket[0] == pytest.approx(0, abs=1e-6) and bucket[1] == pytest.approx(0, abs=1e-6)
+    assert uniform[1] == pytest.approx(0, abs=1e-6)  # the spread student is the uniform-tail teacher
+    # KL(p || peaked) with p = 0.075 on ids 2..5 and peaked ~0 on ids 3..5: large
+    assert uniform[0] > 1.0
+    with pytest.raises(ValueError, match="tail"):
+        TopK(ids, lps, "spread")
+
+
+def test_topk_bucket_matches_explicit_k_plus_one_buckets():
+    s, t, m = make(5)
+    k = 4
+    top = topk_of(t, k, shuffle=True, tail="bucket")
     lq_full = s.detach().log_softmax(-1)
     q_top = lq_full.gather(-1, top.ids).exp()
     q = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
@@ -541,7 +578,7 @@ def test_minus_inf_student_logit_gives_the_limit(name, teacher_kind):
         got = L.DIVERGENCES[name](x, t, m)
         want = token_mean(ref_divergence(name, *ref_logprobs(limit, t)), m)
     else:
-        top = topk_of(t, 4)
+        top = topk_of(t, 4, tail="bucket")
         got = L.DIVERGENCES[name](x, top, m)
         q_top = limit.log_softmax(-1).gather(-1, top.ids).exp()
         q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp(min=0)], -1)

@@ -110,26 +110,34 @@ def ref_dpkd(model, t, beta=0.1):
     return -F.logsigmoid(torch.stack([c - r for c, r in ref_rewards(model, t, beta)])).mean()
 
 
-def ref_divergence_sum(kind, logits, ids, lps):
-    """Sum over positions of the divergence over the k+1 outcomes (the top-k ids and the tail)."""
-    q_top = logits.softmax(-1).gather(-1, torch.tensor(ids))
-    q = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+def ref_divergence_sum(kind, logits, ids, lps, tail="uniform"):
+    """Sum over positions of the divergence: over the whole vocabulary against the teacher's top-k with
+    its tail mass split evenly over the other ids ("uniform"), or over the k+1 outcomes, the top-k ids
+    and the tail ("bucket")."""
     p_top = torch.tensor(lps).exp()
-    p = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    if tail == "uniform":
+        q = logits.softmax(-1)
+        vocab, k = q.shape[-1], p_top.shape[-1]
+        p = ((1 - p_top.sum(-1, keepdim=True)) / (vocab - k)).expand(-1, vocab).clone()
+        p.scatter_(-1, torch.tensor(ids), p_top)
+    else:
+        q_top = logits.softmax(-1).gather(-1, torch.tensor(ids))
+        q = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+        p = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
     if kind == "fkl":
         return (p * (p.log() - q.log())).sum()
     assert kind == "rkl"
     return (q * (q.log() - p.log())).sum()
 
 
-def ref_divergence(model, t, kind, on_student):
+def ref_divergence(model, t, kind, on_student, tail="uniform"):
     """Token mean of the divergence, each row on y_s where on_student[i] else on y_t, with that side's
     teacher top-k; one denominator: the tokens of the sequences used."""
     total, tokens = 0.0, 0
     for r, s in zip(t.to_pylist(), on_student):
         side = "rejected" if s else "chosen"
         logits = row_logits(model, r["prompt_ids"], r[f"{side}_ids"])
-        total = total + ref_divergence_sum(kind, logits, r[f"{side}_topk_ids"], r[f"{side}_topk_logps"])
+        total = total + ref_divergence_sum(kind, logits, r[f"{side}_topk_ids"], r[f"{side}_topk_logps"], tail)
         tokens += len(r[f"{side}_ids"])
     return total / tokens
 
@@ -176,20 +184,22 @@ def test_method_defaults(model, kind, want):
     assert_same_value_and_grads(model, loss, want(model, table()))
 
 
+@pytest.mark.parametrize("tail", ["uniform", "bucket"])
 @pytest.mark.parametrize("kind", ["fkl", "rkl"])
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
-def test_student_ratio_picks_the_sequences(model, kind, ratio):
+def test_student_ratio_picks_the_sequences(model, kind, ratio, tail):
     """0: every row's divergence on y_t; 1: on y_s; in between: on the selected rows' y_s and the
-    others' y_t, each with its side's top-k, normalised by the tokens of the sequences used."""
+    others' y_t, each with its side's top-k (its tail as loss.topk_tail says), normalised by the
+    tokens of the sequences used."""
     t = table(n=8, seed=3)
-    cfg = LossConfig(type=kind, student_ratio=ratio)
+    cfg = LossConfig(type=kind, student_ratio=ratio, topk_tail=tail)
     picked = student_rows(t, cfg)
     if ratio == 0.5:
         assert 0 < sum(picked) < len(picked)  # the test table really mixes both
     else:
         assert picked == [ratio == 1.0] * 8
     loss, metrics = compute_loss(model, t, cfg, pad_id=0)
-    assert_same_value_and_grads(model, loss, ref_divergence(model, t, kind, picked))
+    assert_same_value_and_grads(model, loss, ref_divergence(model, t, kind, picked, tail))
     assert metrics["student_rows"] == pytest.approx(sum(picked) / 8)
     lens = {s: [len(x) for x in t.column(f"{s}_ids").to_pylist()] for s in ("chosen", "rejected")}
     assert token_counts(t, cfg)["divergence"] == sum(lens["rejected"][i] if p else lens["chosen"][i]
