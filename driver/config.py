@@ -19,7 +19,7 @@ import yaml
 
 from kd.errors import UserInputError
 
-from kd.losses import DIVERGENCES, LOSS_TYPES
+from kd.losses import DIVERGENCES, LOSS_TYPES, TOPK_TAILS
 from kd.objective import resolve_loss
 from kd.priming import STRATEGIES
 
@@ -573,7 +573,7 @@ def _check_loss(loss: LossConfig, where: str) -> LossConfig:
            "must be in [0, 0.5)")
     _check(0 <= loss.jsd_beta <= 1, f"{where}.jsd_beta", loss.jsd_beta, "must be in [0, 1]")
     _check(0 <= loss.skew_alpha < 1, f"{where}.skew_alpha", loss.skew_alpha, "must be in [0, 1)")
-    _check(loss.topk_tail in ("uniform", "bucket"), f"{where}.topk_tail", loss.topk_tail,
+    _check(loss.topk_tail in TOPK_TAILS, f"{where}.topk_tail", loss.topk_tail,
            "must be 'uniform' (the teacher's tail mass spread over the ids outside its top-k) or 'bucket' "
            "(the tail as one outcome)")
     return loss

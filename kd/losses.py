@@ -237,7 +237,7 @@ def _teacher_uniform_tail(ids: Tensor, logprobs: Tensor, vocab: int, dtype) -> T
     return per_id.expand(-1, vocab).clone().scatter_(-1, ids, lps)
 
 
-def _log_probs(x: Tensor, teacher: tuple, temperature: float, tail: str = "uniform") -> tuple[Tensor, Tensor]:
+def _log_probs(x: Tensor, teacher: tuple, temperature: float, tail: str) -> tuple[Tensor, Tensor]:
     """``(log q, log p)``, each ``[n, K]`` and floored at ``_LOG_TINY``, from student logits ``x [n, V]``
     and a teacher chunk (either ``(logits [n, V],)`` or ``(ids [n, k], logprobs [n, k])``, whose tail
     enters as ``tail`` says; top-k only at temperature 1 or k == V, see ``_check_inputs``)."""
@@ -272,7 +272,7 @@ def _log_mix(loga: Tensor, logb: Tensor, w: float) -> Tensor:
     return torch.logaddexp(loga + math.log(w), logb + math.log1p(-w))
 
 
-def _divergence_kernel(div, temperature: float, tail: str = "uniform"):
+def _divergence_kernel(div, temperature: float, tail: str):
     def kernel(x: Tensor, *teacher: Tensor) -> Tensor:
         logq, logp = _log_probs(x, teacher, temperature, tail)
         return div(logq, logp)
