@@ -39,7 +39,7 @@ class PromptRecord:
 
 # A varied lexicon and many templates, so that a model trained on these problems must copy names,
 # items and numbers from the question (what carries over to real word problems) rather than memorise a
-# handful of them: with 120 names and 96 items, a name-item pair recurs about once in 40 problems of 256.
+# handful of them: with 120 names and 96 items (11520 pairs), 256 problems repeat about 3 name-item pairs.
 _NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jamal", "Kira", "Leo",
           "Maya", "Noah", "Olivia", "Pedro", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Victor", "Wendy", "Xavier",
           "Yara", "Zane", "Amir", "Bella", "Carlos", "Dana", "Elijah", "Fatima", "George", "Hana", "Ivan",
