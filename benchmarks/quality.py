@@ -17,7 +17,8 @@ its tokens to each one's teacher tokens). ``seqkd_then_dpkd`` spends half its st
 
 Scores per final student: exact match and Rouge-L against the reference solutions on each held-out set,
 and ``KL(teacher||student)`` / ``KL(student||teacher)`` teacher-forced on the held-out reference
-solutions (full vocabulary). Greedy decoding, HF engine. Writes ``--out`` (default docs/results.md): the
+solutions (full vocabulary). Greedy decoding, on one vLLM engine that each student's weights are loaded into
+(``--eval-backend hf``: a fresh HF engine per student). Writes ``--out`` (default docs/results.md): the
 table (mean and sample std over seeds), a plot of score against wall time per method (PNG beside it) and
 the raw per-run results (JSON beside it). A finished run is not redone when the command is re-run with
 the same ``--work`` directory.
@@ -49,7 +50,8 @@ def base_config(tiny: dict | None) -> dict:
         "teacher": {"max_new_tokens": 64, "top_k_logprobs": 8, "temperature": 0.7},
         "sampler": {"max_new_tokens": 48, "prompts_per_request": 8},
         "buffer": {"capacity": 256},
-        "learner": {"batch_size": 8, "lr": 3.0e-4, "warmup_steps": 4},
+        # offline methods: no teacher or sampler works, so the learner takes both cores
+        "learner": {"batch_size": 8, "lr": 3.0e-4, "warmup_steps": 4, "offline_torch_threads": os.cpu_count() or 1},
         "sync": {"every_steps": 2},
         "checkpoint": {"export_hf": False},
     }
@@ -148,11 +150,13 @@ def reference_dataset(cfg, prep, seed: int, work: Path) -> Path:
 class Scorer:
     """Held-out sets (prompts formatted as in training) and the teacher, loaded once."""
 
-    def __init__(self, cfg, tokenizer, teacher_path: str, gsm8k: str | None, gsm8k_limit: int, limit: int):
+    def __init__(self, cfg, tokenizer, teacher_path: str, gsm8k: str | None, gsm8k_limit: int, limit: int,
+                 backend: str = "vllm"):
         from driver.evaluate import HELD_OUT_SEED, Example, encode_prompts, load_examples
         from kd.metrics import extract_answer
 
         self.tok, self.teacher, self.reference = tokenizer, teacher_path, None
+        self.backend, self.engine, self.engine_model = backend, None, None
         self.sets = {"synth": load_examples("synthetic_math", limit=limit, seed=HELD_OUT_SEED)}
         if gsm8k:
             lines = [ln for ln in Path(gsm8k).read_text().splitlines() if ln.strip()][-gsm8k_limit:]
@@ -162,20 +166,44 @@ class Scorer:
         self.prompts = {k: encode_prompts(tokenizer, ex, cfg.data.system_prompt, cfg.data.chat_template,
                                           cfg.data.max_prompt_tokens) for k, ex in self.sets.items()}
 
+    def _engine(self, model_dir: str, max_new_tokens: int):
+        """The greedy generator for ``model_dir``. With vLLM one engine serves every student: a new
+        student's weights are loaded into it in place (they share one architecture), which saves an
+        engine start per run; the teacher, another architecture, gets an engine of its own."""
+        from actors.engines import make_engine
+
+        if self.backend == "hf":
+            return make_engine("hf", model_dir)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        arch = {k: config.get(k) for k in ("architectures", "num_hidden_layers", "hidden_size", "vocab_size")}
+        if self.engine is None or self.engine_model != arch:
+            self.engine = None  # the old engine's memory goes before the new one takes its own
+            longest = max(len(p) for ps in self.prompts.values() for p in ps)
+            self.engine = make_engine("vllm", model_dir, max_model_len=longest + max_new_tokens, kv_cache_gb=0.5)
+            self.engine_model = arch
+        else:
+            from transformers import AutoModelForCausalLM
+
+            weights = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").state_dict()
+            self.engine.update_weights(weights, self.engine.version + 1)
+        return self.engine
+
     def score(self, model_dir: str, max_new_tokens: int, kl: bool = True) -> dict:
-        from actors.engines import SamplingParams, make_engine
+        from actors.engines import SamplingParams
         from driver.evaluate import TeacherReference, evaluate
 
-        engine = make_engine("hf", model_dir)
+        engine = self._engine(model_dir, max_new_tokens)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
 
         def generate(batch, seed=None):
             return [g.token_ids for g in engine.generate(batch, params)]
 
         out, prompts, conts = {}, [], []
+        self.answers = {}  # the last student's greedy answers per held-out set
         for name, examples in self.sets.items():
-            m = evaluate(generate, self.tok, examples, self.prompts[name], batch_size=32,
-                         max_new_tokens=max_new_tokens)["metrics"]
+            done = evaluate(generate, self.tok, examples, self.prompts[name], batch_size=32,
+                            max_new_tokens=max_new_tokens)
+            m, self.answers[name] = done["metrics"], [r["prediction"] for r in done["examples"]]
             out[f"{name}_exact_match"], out[f"{name}_rouge_l"] = m["exact_match"], m["rouge_l"]
             prompts += self.prompts[name]
             conts += [self.tok.encode(ex.reference, add_special_tokens=False) for ex in examples]
@@ -268,7 +296,7 @@ def setting(base: dict) -> str:
         f"each of them; online methods' teacher answers have the same length, the student's samples at most "
         f"{smp['max_new_tokens']} tokens; dpkd_token runs on the offline rows. Held out: synthetic problems of "
         "another generator seed ('synth') and the last questions of the GSM8K training file ('GSM8K'), "
-        "neither trained on; greedy answers; KL teacher-forced on the held-out reference solutions, full "
+        "neither trained on; greedy answers (held-out engine in the header line); KL teacher-forced on the held-out reference solutions, full "
         "vocabulary, nats/token. 'initial' is the truncated student before any training.")
 
 
@@ -306,8 +334,8 @@ def write_report(results: list[dict], teacher: dict, args, out: Path) -> None:
              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
              f"Ran {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores; {args.steps} steps x batch "
              f"{8 if not args.tiny else 4} per method; seeds {args.seeds}; held-out answers of at most "
-             f"{args.max_new_tokens} tokens, {args.limit} synthetic and {args.gsm8k_limit if args.gsm8k else 0} "
-             "GSM8K problems. Mean ± sample std over seeds.", "",
+             f"{args.max_new_tokens} tokens ({args.eval_backend} engine), {args.limit} synthetic and "
+             f"{args.gsm8k_limit if args.gsm8k else 0} GSM8K problems. Mean ± sample std over seeds.", "",
              setting(base_config(None) if not args.tiny else base_config({"teacher": "t", "student": "s"})), "",
              "| method | seeds | " + " | ".join(h for _, h in shown) + " |",
              "|---|---|" + "---|" * len(shown)]
@@ -348,6 +376,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128, help="held-out answers' length")
     ap.add_argument("--work", default="runs/quality", help="runs and caches (re-running resumes)")
     ap.add_argument("--out", default="docs/results.md")
+    ap.add_argument("--eval-backend", choices=("vllm", "hf"), default="vllm",
+                    help="engine of the held-out greedy answers (vllm: one engine, each student's weights "
+                         "loaded into it in place)")
     ap.add_argument("--tiny", action="store_true", help="random tiny models (the benchmark's own test)")
     args = ap.parse_args(argv)
 
@@ -383,7 +414,8 @@ def main(argv=None) -> int:
     try:
         probe_cfg = load_config(_write_yaml(work / "probe.yaml", base))
         probe = prepare(probe_cfg, str(_fresh(work / "probe-run")))
-        scorer = Scorer(probe_cfg, probe.tokenizer, probe.teacher_path, args.gsm8k, args.gsm8k_limit, args.limit)
+        scorer = Scorer(probe_cfg, probe.tokenizer, probe.teacher_path, args.gsm8k, args.gsm8k_limit, args.limit,
+                        args.eval_backend)
         teacher_file = work / "teacher-scores.json"
         if not teacher_file.is_file():
             teacher_file.write_text(json.dumps(scorer.score(probe.teacher_path, args.max_new_tokens, kl=False)))

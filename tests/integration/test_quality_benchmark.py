@@ -36,3 +36,30 @@ def test_quality_benchmark_runs_the_grid_at_a_tiny_size(tmp_path):
     # a re-run with the same work directory redoes nothing
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(out.with_suffix(".json").read_text())["runs"] == raw["runs"]
+
+
+def test_scorer_vllm_engine_with_swapped_weights_answers_as_a_fresh_hf_engine(tmp_path):
+    """The grid scores every student with one vLLM engine, loading each student's weights into it in
+    place. A student scored after another must get the greedy answers a fresh HF engine of that
+    student gives (HF is the reference; greedy answers of the two engines match token for token)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+    from driver.config import load_config
+    from driver.prepare import prepare
+    from kd.models import make_tiny_model
+
+    paths = {k: str(make_tiny_model(tmp_path / k, layers, seed))
+             for k, layers, seed in (("teacher", 4, 0), ("a", 2, 1), ("b", 2, 2))}
+    base = quality.base_config({"teacher": paths["teacher"], "student": paths["a"]})
+    cfg = load_config(quality._write_yaml(tmp_path / "c.yaml", base))
+    prep = prepare(cfg, str(tmp_path / "run"))
+    scorers = {b: quality.Scorer(cfg, prep.tokenizer, prep.teacher_path, None, 0, 6, backend=b)
+               for b in ("vllm", "hf")}
+    answers = {}
+    for backend, scorer in scorers.items():
+        for k in ("a", "b"):  # on vLLM: b's weights go into a's engine
+            scorer.score(paths[k], 12, kl=False)
+            answers[backend, k] = scorer.answers["synth"]
+    assert scorers["vllm"].engine.version == 1  # one engine, updated in place, not rebuilt
+    assert answers["vllm", "a"] != answers["vllm", "b"]  # the two students answer differently
+    assert answers["vllm", "a"] == answers["hf", "a"] and answers["vllm", "b"] == answers["hf", "b"]
