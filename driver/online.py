@@ -236,11 +236,15 @@ class Trainer:
         from driver.offline import generate_with, teacher_stamp
 
         if any(p.kind == "offline" and p.data is None for p in self.phases[self.phase_index:]):
-            print(f"raykd: generating the offline phase's teacher data into {self.teacher_data}", file=sys.stderr)
+            print(f"raykd: the offline phase's teacher data: {self.teacher_data}", file=sys.stderr)
             stamp = teacher_stamp(self.cfg.models.teacher, self.prep.teacher_path, self.prep.tokenizer,
                                   text_path=bool(self.prep.text_pools))
-            generate_with(self.actors.teachers, self.cfg, self.prep.requests, self.prep.skipped_overlong,
-                          self.teacher_data, stamp, progress=self.progress)
+            done = generate_with(self.actors.teachers, self.cfg, self.prep.requests, self.prep.skipped_overlong,
+                                 self.teacher_data, stamp, progress=self.progress)
+            kept = done["shards"] - done["written"]  # a resumed run keeps the shards it finished
+            print(f"raykd: teacher data: {done['written']} shard(s) generated"
+                  + (f", {kept} kept from before" if kept else "") + f" ({done['prompts']} prompts)",
+                  file=sys.stderr)
 
     def _evaluate(self, actor) -> dict:
         """Held-out scores of ``actor``'s current weights (a sampler, or a teacher replica)."""
