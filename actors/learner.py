@@ -150,6 +150,10 @@ class Learner:
 
         return ray.get_runtime_context().get_node_id()
 
+    def cpus(self) -> int:
+        """The CPUs this process may run on (its node's, unless an affinity mask narrows them)."""
+        return len(os.sched_getaffinity(0))
+
     def set_threads(self, n: int) -> int:
         """CPU threads of this rank's torch from now on (a phase whose engines idle may use more)."""
         torch.set_num_threads(n)

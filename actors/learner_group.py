@@ -18,6 +18,15 @@ import ray
 from kd.errors import UserInputError
 
 
+def auto_threads(nodes: list[str], cpus: list[int]) -> list[int]:
+    """``learner.offline_torch_threads: auto``: each rank's torch threads, given its node and the CPUs
+    its process may run on: those CPUs split evenly among the ranks on that node, at least 1."""
+    from collections import Counter
+
+    ranks_on = Counter(nodes)
+    return [max(1, c // ranks_on[n]) for n, c in zip(nodes, cpus)]
+
+
 class PlacementError(UserInputError):
     """The learners' placement group cannot be placed on this cluster."""
 
@@ -149,8 +158,15 @@ class LearnerGroup:
         group's); returns rank 0's metrics ref (all ranks step together)."""
         return self._all("train_step", batch_ref, loss_cfg)[0]
 
-    def set_threads(self, n: int) -> list[int]:
-        """Every rank's torch CPU threads from now on; returns each rank's count."""
+    def set_threads(self, n: int | str) -> list[int]:
+        """Every rank's torch CPU threads from now on (``"auto"``: ``auto_threads``); returns each rank's
+        count."""
+        if n == "auto":
+            counts = auto_threads(self.node_ids(), ray.get([a.cpus.remote() for a in self.learners]))
+            self._check_others()
+            refs = [a.set_threads.remote(k) for a, k in zip(self.learners, counts)]
+            self._others.extend(refs[1:])
+            return ray.get(refs)
         return ray.get(self._all("set_threads", n))
 
     def set_lr(self, lr: float) -> list[float]:

@@ -167,9 +167,9 @@ class LearnerConfig:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources (node types)
     torch_threads: int = 1
-    # threads during offline phases, when no teacher or sampler is working (0: torch_threads); on a
-    # machine the actors share, the cores the idle engines leave
-    offline_torch_threads: int = 0
+    # threads during offline phases, when no teacher or sampler is working: "auto" (each rank's share
+    # of its node's CPUs: the idle engines' cores too), a number, or 0 (torch_threads)
+    offline_torch_threads: int | Literal["auto"] = "auto"
     zero_stage: int = 0
     batch_size: int = 8
     lr: float = 5e-5
@@ -323,6 +323,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, a, path)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) > 1:  # each alternative's complaint, e.g. "expected an integer, or must be one of 'auto'"
+            prefix = f"{path}={value!r}: "
+            raise ConfigError(prefix + ", or ".join(str(e).removeprefix(prefix) for e in errors))
         raise errors[0] if errors else ConfigError(f"{path}={value!r}: expected {tp}")
     if origin is Literal:
         if value not in args:
@@ -424,7 +427,8 @@ def validate(cfg: Config) -> Config:
     non_negative = {
         "buffer.max_policy_lag": cfg.buffer.max_policy_lag,
         "learner.warmup_steps": cfg.learner.warmup_steps,
-        "learner.offline_torch_threads": cfg.learner.offline_torch_threads,
+        "learner.offline_torch_threads": (0 if cfg.learner.offline_torch_threads == "auto"
+                                          else cfg.learner.offline_torch_threads),
         "learner.max_restarts": cfg.learner.max_restarts,
         "learner.weight_decay": cfg.learner.weight_decay,
         "learner.num_cpus": cfg.learner.num_cpus,

@@ -296,9 +296,9 @@ class Trainer:
             self.save_checkpoint(Drained())
         return self._summary()
 
-    def _learner_threads(self, phase: PhaseConfig) -> int:
+    def _learner_threads(self, phase: PhaseConfig) -> int | str:
         """An offline phase reads rows from disk: no teacher or sampler works, so the learner may
-        take the cores they leave (``learner.offline_torch_threads``)."""
+        take the cores they leave (``learner.offline_torch_threads``; ``"auto"``: its node's share)."""
         lcfg = self.cfg.learner
         return lcfg.offline_torch_threads if phase.kind == "offline" and lcfg.offline_torch_threads else lcfg.torch_threads
 

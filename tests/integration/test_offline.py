@@ -93,7 +93,6 @@ def test_offline_then_online_schedule(tiny_models, tmp_path):
         "data.num_prompts=16", "teacher.max_new_tokens=6", "sampler.max_new_tokens=6",
         "teacher.top_k_logprobs=4", "sampler.prompts_per_request=4", "buffer.capacity=32",
         "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=6", *HF,
-        "learner.offline_torch_threads=2",  # the offline phase may use the cores the engines leave
         f"schedule=[{{kind: offline, steps: 3, data: '{ds}', loss: {{type: sft}}, lr: 1.0e-2}}, "
         "{kind: online, steps: 2, loss: {type: dpkd}}]"])
     prep = prepare(cfg, str(tmp_path / "run"))
@@ -103,7 +102,10 @@ def test_offline_then_online_schedule(tiny_models, tmp_path):
         (1, "offline"), (2, "offline"), (3, "offline"), (4, "online"), (5, "online")]
     assert all("dpkd_loss" not in r and r["sft_loss"] is not None for r in rows[:3])  # SeqKD on teacher text
     assert all("dpkd_loss" in r for r in rows[3:])
-    assert [r["learner_threads"] for r in rows] == [2, 2, 2, 1, 1]  # back to learner.torch_threads online
+    # offline_torch_threads 'auto' (the default): the one rank takes every CPU of its node, since the
+    # engines idle; back to learner.torch_threads online
+    cpus = len(os.sched_getaffinity(0))
+    assert [r["learner_threads"] for r in rows] == [cpus] * 3 + [1, 1]
     assert [r["lr"] for r in rows] == pytest.approx([1e-2] * 3 + [5e-3] * 2)  # the phase's own, then learner.lr
     assert summary["steps"] == 5 and summary["sampler_versions"] == [summary["policy_version"]]
 

@@ -94,3 +94,15 @@ def test_search_budget_gives_up_without_blocking_the_run():
     assert placement_problems(demands, nodes, max_search=1000) == []
     assert _pack([(2.0,), (1.0,)], [(2.0,), (1.0,)], 1000) is True
     assert _pack([(2.0,), (2.0,)], [(2.0,), (1.0,)], 1000) is False
+
+
+@pytest.mark.parametrize("nodes, cpus, expect", [
+    (["a"], [2], [2]),  # one rank alone on a 2-core machine: both cores
+    (["a", "a", "b"], [8, 8, 4], [4, 4, 4]),  # two ranks share node a's 8 CPUs; b's rank has its 4
+    (["a", "a", "a"], [2, 2, 2], [1, 1, 1]),  # more ranks than CPUs: never 0 threads
+    (["a", "a"], [7, 7], [3, 3]),  # an odd count rounds down: no oversubscription
+])
+def test_auto_offline_threads_split_each_nodes_cpus_among_its_ranks(nodes, cpus, expect):
+    from actors.learner_group import auto_threads
+
+    assert auto_threads(nodes, cpus) == expect

@@ -28,6 +28,12 @@ def test_overrides_parse_yaml_scalars_and_lists(tmp_path):
     assert cfg.teacher.engine.num_cpus == 2.0
 
 
+def test_offline_torch_threads_is_auto_unless_a_number_is_given(tmp_path):
+    assert load_config(None).learner.offline_torch_threads == "auto"
+    assert load_config(None, ["learner.offline_torch_threads=3"]).learner.offline_torch_threads == 3
+    assert load_config(None, ["learner.offline_torch_threads=0"]).learner.offline_torch_threads == 0
+
+
 def test_int_field_accepts_int_float_field_accepts_int(tmp_path):
     cfg = load_config(write(tmp_path, {"learner": {"lr": 1}}))
     assert cfg.learner.lr == 1.0 and isinstance(cfg.learner.lr, float)
@@ -45,6 +51,8 @@ def test_int_field_accepts_int_float_field_accepts_int(tmp_path):
         ({}, ["priming.strategy=shout"], "priming.strategy='shout': must be one of none"),
         ({}, ["learner.zero_stage=4"], "learner.zero_stage=4"),
         ({}, ["learner.offline_torch_threads=-1"], "learner.offline_torch_threads=-1: must be >= 0"),
+        ({}, ["learner.offline_torch_threads=lots"],
+         "learner.offline_torch_threads='lots': expected an integer, or must be one of 'auto'"),
         ({}, ["learner.lr=.nan"], "learner.lr=nan: must be a finite number"),
         ({}, ["engine=1"], "engine: unknown key"),
         ({}, ["run.name=../../etc"], "run.name='../../etc': letters, digits"),
