@@ -2,10 +2,13 @@
 
     python benchmarks/engines.py [--model tiny|smollm2-135m-instruct] [--batch-sizes 1,8,32]
                                  [--max-new-tokens 32] [--top-k 20] [--threads N] [--repeats 2]
+                                 [--score-lengths 128,1024,4096 --score-batch 4]
 
 Prints, per batch size: generation tokens/s (sampling at temperature 1, new tokens per second) and
 scoring tokens/s (teacher-forced log-probs plus top-k of continuation tokens per second), for both
-engines, with the vLLM/HF ratio; then the time of a vLLM weight update against copying the same
+engines, with the vLLM/HF ratio; with ``--score-lengths``, the two scoring paths (vLLM's
+``prompt_logprobs`` against a torch forward with ``torch.topk``, the HF engine) as the scored text
+grows; then the time of a vLLM weight update against copying the same
 state dict in memory (``{k: v.clone()}``). Both engines share this process's torch thread pool, so
 they compute on the same number of cores. Prompts are ``kd.data.synthetic_math`` questions in the
 model's chat template.
@@ -66,6 +69,23 @@ def bench_batch(engines: dict, prompts, max_new_tokens: int, top_k: int, repeats
     return rates
 
 
+def bench_score_lengths(engines: dict, prompts, lengths: list[int], batch: int, top_k: int,
+                        repeats: int) -> dict:
+    """Scoring tokens/s of each engine for continuations of each length (``batch`` prompts, best of
+    ``repeats``): the two scoring paths on this backend, vLLM's ``prompt_logprobs`` (a top-k over the
+    vocabulary at every position inside vLLM) and a plain torch forward with ``torch.topk`` (the HF
+    engine), as the scored text grows. The continuations are the prompts' own tokens repeated."""
+    rates: dict = {}
+    for length in lengths:
+        ps = prompts[:batch]
+        conts = [(p * (length // len(p) + 1))[:length] for p in ps]
+        for _ in range(repeats):
+            for name, engine in engines.items():
+                _, dt = timed(engine.score, ps, conts, top_k)
+                rates[(length, name)] = max(batch * length / dt, rates.get((length, name), 0.0))
+    return rates
+
+
 def bench_weight_update(engines: dict, model_path, repeats: int = 3) -> dict:
     """Best-of-``repeats`` seconds: an in-memory copy of the state dict, and each engine's
     update_weights of that same state dict."""
@@ -91,8 +111,13 @@ def main(argv=None) -> None:
     ap.add_argument("--top-k", type=int, default=20, help="top-k returned by score()")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all allowed)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per measurement")
+    ap.add_argument("--score-lengths", default="",
+                    help="also score continuations of these lengths (e.g. 128,1024,4096), batch "
+                         "--score-batch: where each scoring path is faster as the text grows")
+    ap.add_argument("--score-batch", type=int, default=4)
     args = ap.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    lengths = [int(x) for x in args.score_lengths.split(",") if x]
 
     import torch
 
@@ -104,7 +129,8 @@ def main(argv=None) -> None:
     path = resolve_model(args.model)
     load_before = os.getloadavg()[0]
     vllm_engine, t_vllm = timed(VLLMEngine, path, num_threads=args.threads,
-                                max_logprobs=max(20, args.top_k))
+                                max_logprobs=max(20, args.top_k),
+                                max_model_len=max([2048, *(n + 256 for n in lengths)]))
     hf_engine, t_hf = timed(HFEngine, path)  # after vLLM: it shares the thread count vLLM set
     engines = {"hf": hf_engine, "vllm": vllm_engine}
     prompts = chat_prompts(path, max(batch_sizes))
@@ -114,6 +140,7 @@ def main(argv=None) -> None:
 
     rows = [(b, bench_batch(engines, prompts[:b], args.max_new_tokens, args.top_k, args.repeats))
             for b in batch_sizes]
+    by_length = bench_score_lengths(engines, prompts, lengths, args.score_batch, args.top_k, args.repeats)
     upd = bench_weight_update(engines, path)
 
     mean_prompt = sum(len(p) for p in prompts) / len(prompts)
@@ -129,6 +156,12 @@ def main(argv=None) -> None:
         for b, r in rows:
             hf, vl = r[(call, "hf")], r[(call, "vllm")]
             print(f"{call:<10}{b:>6}{hf:>12.1f}{vl:>12.1f}{vl / hf:>9.2f}x")
+    if lengths:
+        print(f"\nscoring {args.score_batch} continuations of each length (tokens/s, top-{args.top_k}):")
+        print(f"{'length':>8}{'HF forward+topk':>18}{'vLLM prompt_logprobs':>22}{'vLLM/HF':>10}")
+        for n in lengths:
+            hf, vl = by_length[(n, "hf")], by_length[(n, "vllm")]
+            print(f"{n:>8}{hf:>18.1f}{vl:>22.1f}{vl / hf:>9.2f}x")
     print(f"\nweight update (best of 3): in-memory copy {upd['copy'] * 1e3:.1f} ms, "
           f"vLLM update_weights {upd['vllm'] * 1e3:.1f} ms ({upd['vllm'] / upd['copy']:.1f}x copy), "
           f"HF update_weights {upd['hf'] * 1e3:.1f} ms ({upd['hf'] / upd['copy']:.1f}x copy)")
