@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quality_benchmark_runs_the_grid_at_a_tiny_size(tmp_path):
     out = tmp_path / "results.md"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--tiny", "--quick", "--steps", "2",
-           "--methods", "initial,seqkd,gkd_jsd,dpkd", "--work", str(tmp_path / "work"), "--out", str(out)]
+           "--methods", "initial,seqkd,gkd_jsd,dpkd", "--work", str(tmp_path / "work"), "--out", str(out),
+           "--eval-backend", "hf"]  # the vLLM scorer has its own test below (an engine start saved here)
     env = dict(os.environ, RAY_ADDRESS="")  # its own local cluster
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
