@@ -33,7 +33,8 @@ from driver.monitoring import MetricsLog, ProgressBar
 from driver.prepare import Prepared
 from driver.producers import Drained, OfflineProducer, OnlineProducer, PromptStream
 from driver.recovery import BufferGuard, LearnerDied, answers, first_line, latest_checkpoint
-from driver.runs import RunDirError, intact_checkpoint, phase_position, write_manifest
+from driver.runs import (RunDirError, dir_bytes, intact_checkpoint, phase_position,
+                         save_failed_on_a_full_disk, write_manifest)
 from driver.trackers import Trackers
 
 __all__ = ["Trainer", "run_online", "latest_checkpoint", "PromptStream"]
@@ -82,10 +83,18 @@ class Trainer:
         tmp = root / f".tmp-step-{self.step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.actors.learners.save_checkpoint(str(tmp / "learner"))
-        self.guard.call("save", str(tmp / "buffer.parquet"))
-        if self.cfg.checkpoint.export_hf:
-            self.actors.learners.save_hf(str(tmp / "hf"), self.prep.student_path)
+        try:
+            self.actors.learners.save_checkpoint(str(tmp / "learner"))
+            self.guard.call("save", str(tmp / "buffer.parquet"))
+            if self.cfg.checkpoint.export_hf:
+                self.actors.learners.save_hf(str(tmp / "hf"), self.prep.student_path)
+        except Exception as e:
+            last = sorted(root.glob("step-*"))[-1:]  # the newest by name: no verification, no side effects
+            full = save_failed_on_a_full_disk(root, self.step, e, dir_bytes(last[0]) if last else 0, self.run_dir)
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial save: its space back
+            if full is not None:
+                raise full from e
+            raise
         state = {"step": self.step, "version": self.version, "phase_index": self.phase_index,
                  "phase_step": self.phase_step, "pairs_added": self.pairs_added,
                  "pairs_by_teacher": self.pairs_by_teacher,

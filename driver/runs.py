@@ -92,6 +92,27 @@ def _unlisted_problem(ckpt: Path) -> str | None:
     return None
 
 
+def dir_bytes(path: Path) -> int:
+    """The bytes of every file under ``path`` (0 if it does not exist)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def save_failed_on_a_full_disk(where: Path, step: int, error: BaseException, need: int,
+                               run_dir: Path) -> RunDirError | None:
+    """The clear error for a checkpoint save that failed because ``where``'s disk is (nearly) full:
+    less free than ``need`` bytes (the last checkpoint's size) plus 64 MiB. None when there is room,
+    so the save's own error stands. Libraries report a full disk obscurely (torch.save: "unexpected
+    pos ... vs ..."), so the free space is checked rather than the message."""
+    free = shutil.disk_usage(where).free
+    if free >= need + (64 << 20):
+        return None
+    first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return RunDirError(
+        f"{where}: saving the step-{step:06d} checkpoint failed with {free / 2**20:.0f} MiB free on its disk "
+        f"(a checkpoint here takes {need / 2**20:.0f} MiB): {first[:200]}. The previous checkpoint is intact; "
+        f"free some space, then continue with: raykd train --resume {run_dir}")
+
+
 def checkpoint_step(ckpt: Path) -> int:
     return int(ckpt.name.rsplit("-", 1)[-1])
 

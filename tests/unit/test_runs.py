@@ -354,3 +354,32 @@ def test_a_run_saved_with_max_steps_beside_its_schedule_still_resumes(tmp_path):
     assert (plan.step, plan.cfg.learner.max_steps, plan.cfg.total_steps(), plan.changes) == (15, 30, 30, [])
     with pytest.raises(Exception, match=r"learner.max_steps=20: a schedule sets the run's length \(30 steps"):
         load_config(run / "config.yaml")
+
+
+def test_a_checkpoint_save_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from driver.runs import dir_bytes, save_failed_on_a_full_disk
+
+    ckpt = tmp_path / "checkpoints" / "step-000004"
+    (ckpt / "learner").mkdir(parents=True)
+    (ckpt / "learner" / "model.pt").write_bytes(b"x" * 3000)
+    (ckpt / "buffer.parquet").write_bytes(b"y" * 1000)
+    assert dir_bytes(ckpt) == 4000 and dir_bytes(tmp_path / "absent") == 0
+    usage = collections.namedtuple("usage", "total used free")
+    # what torch.save raised inside the learner when the disk filled (a Ray error: many lines)
+    err = RuntimeError("ray::Learner.save_checkpoint()\n  ...\nRuntimeError: [enforce fail at "
+                       "inline_container.cc:672] . unexpected pos 297325376 vs 297325264")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 27 << 20))  # 27 MiB free
+    e = save_failed_on_a_full_disk(tmp_path / "checkpoints", 6, err, 300 << 20, tmp_path)
+    assert isinstance(e, RunDirError)
+    assert str(e) == (f"{tmp_path / 'checkpoints'}: saving the step-000006 checkpoint failed with 27 MiB free "
+                      "on its disk (a checkpoint here takes 300 MiB): RuntimeError: [enforce fail at "
+                      "inline_container.cc:672] . unexpected pos 297325376 vs 297325264. The previous "
+                      f"checkpoint is intact; free some space, then continue with: raykd train --resume {tmp_path}")
+    # room for another checkpoint and 64 MiB more: not the disk, the save's own error stands
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 0, (300 + 65) << 20))
+    assert save_failed_on_a_full_disk(tmp_path, 6, err, 300 << 20, tmp_path) is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 0, (300 + 63) << 20))
+    assert save_failed_on_a_full_disk(tmp_path, 6, err, 300 << 20, tmp_path) is not None
