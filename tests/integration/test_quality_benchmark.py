@@ -34,6 +34,9 @@ def test_quality_benchmark_runs_the_grid_at_a_tiny_size(tmp_path):
     table = out.read_text()
     assert all(f"| {m} | 1 |" in table for m in runs) and "| teacher (reference) |" in table
     assert out.with_suffix(".png").stat().st_size > 1000
+    # a scored run keeps its final model and metrics, not its resume checkpoints (they filled a disk)
+    run = tmp_path / "work" / "dpkd-s0"
+    assert (run / "final").is_dir() and (run / "metrics.jsonl").is_file() and not (run / "checkpoints").exists()
     # a re-run with the same work directory redoes nothing
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(out.with_suffix(".json").read_text())["runs"] == raw["runs"]
