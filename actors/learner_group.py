@@ -141,8 +141,13 @@ class LearnerGroup:
         return list(self._setup)
 
     def _all(self, method: str, *args) -> list:
+        return self._each(method, [args] * len(self.learners))
+
+    def _each(self, method: str, args_per_rank: list[tuple]) -> list:
+        """``method`` on every rank in order, rank i with ``args_per_rank[i]``; ranks > 0's results are
+        checked for errors later."""
         self._check_others()
-        refs = [getattr(a, method).remote(*args) for a in self.learners]
+        refs = [getattr(a, method).remote(*args) for a, args in zip(self.learners, args_per_rank)]
         self._others.extend(refs[1:])
         return refs
 
@@ -163,10 +168,7 @@ class LearnerGroup:
         count."""
         if n == "auto":
             counts = auto_threads(self.node_ids(), ray.get([a.cpus.remote() for a in self.learners]))
-            self._check_others()
-            refs = [a.set_threads.remote(k) for a, k in zip(self.learners, counts)]
-            self._others.extend(refs[1:])
-            return ray.get(refs)
+            return ray.get(self._each("set_threads", [(k,) for k in counts]))
         return ray.get(self._all("set_threads", n))
 
     def set_lr(self, lr: float) -> list[float]:

@@ -50,8 +50,8 @@ def base_config(tiny: dict | None) -> dict:
         "teacher": {"max_new_tokens": 64, "top_k_logprobs": 8, "temperature": 0.7},
         "sampler": {"max_new_tokens": 48, "prompts_per_request": 8},
         "buffer": {"capacity": 256},
-        # offline methods: no teacher or sampler works, so the learner takes both cores
-        "learner": {"batch_size": 8, "lr": 3.0e-4, "warmup_steps": 4, "offline_torch_threads": os.cpu_count() or 1},
+        # (offline methods: learner.offline_torch_threads 'auto', the default, gives the learner every core)
+        "learner": {"batch_size": 8, "lr": 3.0e-4, "warmup_steps": 4},
         "sync": {"every_steps": 2},
         "checkpoint": {"export_hf": False},
     }

@@ -210,17 +210,18 @@ class TeacherReference:
     def kl(self, student_path: str, progress: bool = False) -> dict:
         import torch
 
+        from kd.metrics import kl_both_ways
+
         student = _load_eval_model(student_path)
         total, reverse, count = 0.0, 0.0, 0
         with torch.no_grad():
             for t, (prompt, cont) in zip(self.logps, _maybe_progress(self.pairs, progress, "kl")):
                 s = _continuation_logits(student, prompt, cont)
                 vocab = min(t.shape[-1], s.shape[-1])  # embeddings may be padded past the tokenizer
-                # both directions from one normalisation of each side (t holds log-probs already)
-                logp = t if t.shape[-1] == vocab else torch.log_softmax(t[:, :vocab], -1)
-                logq = torch.log_softmax(s[:, :vocab].float(), -1)
-                total += float((logp.exp() * (logp - logq)).sum())
-                reverse += float((logq.exp() * (logq - logp)).sum())  # the student as reference
+                logp = t if t.shape[-1] == vocab else torch.log_softmax(t[:, :vocab], -1)  # t: log-probs
+                forward, rev = kl_both_ways(logp, torch.log_softmax(s[:, :vocab].float(), -1))
+                total += float(forward.sum())
+                reverse += float(rev.sum())  # the student as reference
                 count += len(cont)
         return {"kl_teacher_student": total / count if count else None,
                 "kl_student_teacher": reverse / count if count else None, "kl_tokens": count}

@@ -89,8 +89,8 @@ class Trainer:
             if self.cfg.checkpoint.export_hf:
                 self.actors.learners.save_hf(str(tmp / "hf"), self.prep.student_path)
         except Exception as e:
-            last = sorted(root.glob("step-*"))[-1:]  # the newest by name: no verification, no side effects
-            full = save_failed_on_a_full_disk(root, self.step, e, dir_bytes(last[0]) if last else 0, self.run_dir)
+            last = latest_checkpoint(self.run_dir)  # unverified: no side effects on a failing path
+            full = save_failed_on_a_full_disk(root, self.step, e, dir_bytes(last) if last else 0, self.run_dir)
             shutil.rmtree(tmp, ignore_errors=True)  # the partial save: its space back
             if full is not None:
                 raise full from e
