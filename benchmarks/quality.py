@@ -245,6 +245,7 @@ def run_one(name: str, schedule, base: dict, seed: int, work: Path, data: dict, 
     if done.is_file():
         return json.loads(done.read_text())
     result = {"method": name, "seed": seed, "wall_s": 0.0, "teacher_tokens": 0, "steps": 0}
+    started = time.perf_counter()
     if schedule is None:
         model = data["student_path"]
     else:
@@ -259,13 +260,16 @@ def run_one(name: str, schedule, base: dict, seed: int, work: Path, data: dict, 
         model = summary["final_model"]
         uses_teacher_data = any(p["data"] == "TEACHER" for p in offline)
         generated = sum(t.get("generated_tokens", 0) for t in summary["teachers"])
-        result.update(steps=summary["steps"], wall_s=summary["wall_s"], teacher_generated_tokens=generated,
+        result.update(steps=summary["steps"], wall_s=summary["wall_s"], loop_s=summary["wall_s"],
+                      teacher_generated_tokens=generated,
                       teacher_tokens=generated + sum(t.get("scored_tokens", 0) for t in summary["teachers"]))
         if uses_teacher_data:
             result["wall_s"] += data["teacher_cost"]["wall_s"]
             result["teacher_tokens"] += data["teacher_cost"]["teacher_tokens"]
             result["teacher_generated_tokens"] += data["teacher_cost"]["teacher_tokens"]
+    result["run_s"] = time.perf_counter() - started  # config to final model: actors' start and stop included
     result.update(scorer.score(model, max_new))
+    result["score_s"] = time.perf_counter() - started - result["run_s"]
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result, indent=1))
     # scored: the run's resume checkpoints (~0.3 GB each here) are of no further use; the final model,
@@ -365,6 +369,15 @@ def write_report(results: list[dict], teacher: dict, args, out: Path) -> None:
     fig.savefig(out.with_suffix(".png"), dpi=110)
     plt.close(fig)  # rewritten after every run: keep no figure open
     lines += ["", f"![{y} against wall time]({out.with_suffix('.png').name})", ""]
+    timed = [r for r in results if "run_s" in r]
+    if timed:  # where the grid's own time goes (shared datasets, generated once per seed, not included)
+        n_seeds = len({r["seed"] for r in timed})
+        loop = sum(r.get("loop_s", 0.0) for r in timed) / 60
+        run = sum(r["run_s"] for r in timed) / 60
+        score = sum(r["score_s"] for r in timed) / 60
+        lines += [f"Time of the {len(timed)} runs that recorded it ({n_seeds} seed(s)): {run + score:.1f} min, "
+                  f"of which {loop:.1f} min in the training loops, {run - loop:.1f} min preparing, starting and "
+                  f"stopping each run's actors, {score:.1f} min scoring.", ""]
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"teacher": teacher, "runs": results}, indent=1))
 

@@ -27,12 +27,18 @@ def test_quality_benchmark_runs_the_grid_at_a_tiny_size(tmp_path):
     for name, r in runs.items():
         assert 0 <= r["synth_rouge_l"] <= 1 and r["kl_teacher_student"] > 0 and r["kl_student_teacher"] > 0
         assert (r["steps"], r["wall_s"] > 0) == ((0, False) if name == "initial" else (2, True))
+        assert r["run_s"] >= 0 and r["score_s"] > 0  # where the grid's time goes: each run's own clock
+        if name != "initial":
+            assert r["run_s"] > r["loop_s"] > 0  # the run's clock holds its loop and the actors' start
+            # wall s charges the shared teacher dataset to the offline method that reads it, loop s does not
+            assert (r["wall_s"] > r["loop_s"]) == (name == "seqkd")
     # the teacher work each loss needs: GKD's jsd only scores the student's samples, DPKD also generates y_t
     assert runs["gkd_jsd"]["teacher_generated_tokens"] == 0 < runs["gkd_jsd"]["teacher_tokens"]
     assert runs["dpkd"]["teacher_generated_tokens"] > 0
     assert runs["seqkd"]["teacher_tokens"] > 0  # the shared teacher dataset is charged to it
     table = out.read_text()
     assert all(f"| {m} | 1 |" in table for m in runs) and "| teacher (reference) |" in table
+    assert "Time of the 4 runs that recorded it (1 seed(s))" in table
     assert out.with_suffix(".png").stat().st_size > 1000
     # a scored run keeps its final model and metrics, not its resume checkpoints (they filled a disk)
     run = tmp_path / "work" / "dpkd-s0"
