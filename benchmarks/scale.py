@@ -29,6 +29,12 @@ against the prompts taken, the buffer's inserted and duplicate counts).
 ``buffer.rows: actor`` (every row through the one ``replay-buffer`` actor, as raykd was) and ``after``
 with ``buffer.rows: object_store`` (rows stay where the teachers put them; the actor keeps stubs).
 
+``--size-points 4:16,2:32,1:64`` (default) adds points with larger requests (R replicas, P prompts
+per request, each replica's rates scaled by P / ``--prompts-per-request`` so that a call takes as long
+as at the base size): the same pairs/s as the base size's R*P/base point, in fewer and larger
+requests. With them the cost model tells the driver's cost per request from its cost per prompt
+(and the buffer's per request from per row).
+
 ``--sync-size 50m`` (default; ``none`` to skip) also times the object-store weight sync across the
 nodes: one real learner (K=1) with a random student of that shape (benchmarks/weight_sync.py's
 shapes) pushing to R simulated samplers on the inference nodes, median of 3 after one warm-up push.
@@ -68,16 +74,26 @@ def start_cluster(inference_nodes: int, object_store_mb: int):
     return cluster
 
 
-def point_config(args, models: dict, root: Path, replicas: int, learners: int, variant: str, name: str):
+def rates(args, P: int) -> tuple[float, float]:
+    """A replica's (generation, scoring) tokens/s at P prompts per request: the configured rates at
+    ``--prompts-per-request``, scaled by P / that, so a call takes as long whatever its size (a GPU
+    engine's throughput grows with its batch). Size points thus produce pairs as fast as the base
+    point with as many prompts in flight, in fewer, larger requests."""
+    scale = P / args.prompts_per_request
+    return args.tokens_per_s * scale, args.score_tokens_per_s * scale
+
+
+def point_config(args, models: dict, root: Path, replicas: int, learners: int, variant: str, name: str,
+                 P: int | None = None):
     from driver.config import load_config
 
-    L, P = args.response_tokens, args.prompts_per_request
+    L, P = args.response_tokens, P or args.prompts_per_request
     rows = "actor" if variant == "before" else "object_store"
-    batch = batch_size(args, replicas)
+    batch = batch_size(args, replicas, P)
+    gen_tps, score_tps = rates(args, P)
     engine = ["engine.backend=simulated", "engine.num_cpus=1", "engine.num_gpus=1",
               "engine.resources={raykd_inference: 1}", f"engine.simulated.latency_s={args.latency}",
-              f"engine.simulated.tokens_per_s={args.tokens_per_s}",
-              f"engine.simulated.score_tokens_per_s={args.score_tokens_per_s}"]
+              f"engine.simulated.tokens_per_s={gen_tps}", f"engine.simulated.score_tokens_per_s={score_tps}"]
     return load_config(None, [
         f"run.name={name}", f"run.runs_dir={root / 'runs'}",
         f"models.teacher={models['teacher']}", f"models.student={models['student']}",
@@ -96,20 +112,21 @@ def point_config(args, models: dict, root: Path, replicas: int, learners: int, v
     ])
 
 
-def batch_size(args, replicas: int) -> int:
+def batch_size(args, replicas: int, P: int | None = None) -> int:
     """--batch-size, or about 1.5 s of ideal production rounded to a multiple of 8 in [8, 32]: a step
     at R=1 does not wait a minute for its rows, and a step at large R is not mostly per-step overhead."""
     if args.batch_size:
         return args.batch_size
-    return int(min(32, max(8, 8 * round(1.5 * ideal_pairs_per_s(args, replicas)[0] / 8))))
+    return int(min(32, max(8, 8 * round(1.5 * ideal_pairs_per_s(args, replicas, P)[0] / 8))))
 
 
-def ideal_pairs_per_s(args, replicas: int) -> tuple[float, float, float]:
+def ideal_pairs_per_s(args, replicas: int, P: int | None = None) -> tuple[float, float, float]:
     """(ideal pairs/s, one sampler call s, one teacher request s), from the configured rates alone."""
-    L, P = args.response_tokens, args.prompts_per_request
-    sampler = args.latency + P * L / args.tokens_per_s
+    L, P = args.response_tokens, P or args.prompts_per_request
+    gen_tps, score_tps = rates(args, P)
+    sampler = args.latency + P * L / gen_tps
     # the teacher generates y_t (top-k comes with it) and scores y_s: two calls
-    teacher = 2 * args.latency + P * L / args.tokens_per_s + P * L / args.score_tokens_per_s
+    teacher = 2 * args.latency + P * L / gen_tps + P * L / score_tps
     return replicas * P / max(sampler, teacher), sampler, teacher
 
 
@@ -139,7 +156,9 @@ def check_prompts(run_dir: Path, summary: dict, P: int) -> dict:
 
 class Poller:
     """Samples, every ``every`` s, (time, the driver process's CPU s, the buffer actor's CPU s, rows it
-    inserted) while a run goes on, so that CPU shares and the rate come from the steady state only."""
+    inserted) while a run goes on, so that CPU shares and the rate come from the steady state only. The
+    driver's CPU leaves out the polling thread's own; the Ray calls it makes still cost the process's
+    Ray threads a little, a per-second cost that the fit's per-second term takes up."""
 
     def __init__(self, every: float = 0.25):
         import threading
@@ -156,7 +175,9 @@ class Poller:
             try:
                 handle = handle or ray.get_actor("replay-buffer")
                 st = ray.get(handle.stats.remote(), timeout=5)
-                self.samples.append((time.perf_counter(), time.process_time(), st["cpu_s"], st["inserted"]))
+                # the driver process's CPU less this thread's own (the polling is the benchmark's, not raykd's)
+                self.samples.append((time.perf_counter(), time.process_time() - time.thread_time(), st["cpu_s"],
+                                     st["inserted"]))
             except Exception:  # not created yet, or gone at the end
                 handle = None
             self.stop.wait(self.every)
@@ -177,12 +198,13 @@ class Poller:
         return self.samples[i], self.samples[k]
 
 
-def run_point(args, models, root, replicas, learners, variant, weights_bytes: int) -> dict:
+def run_point(args, models, root, replicas, learners, variant, weights_bytes: int, P: int | None = None) -> dict:
     from driver.online import run_online
     from driver.prepare import prepare
 
-    name = f"scale-{variant}-r{replicas}-k{learners}"
-    cfg = point_config(args, models, root, replicas, learners, variant, name)
+    P = P or args.prompts_per_request
+    name = f"scale-{variant}-r{replicas}-k{learners}-p{P}"
+    cfg = point_config(args, models, root, replicas, learners, variant, name, P)
     prep = prepare(cfg, str(root / "runs" / name), overwrite=True)
     poller = Poller()
     wall0 = time.perf_counter()
@@ -197,10 +219,9 @@ def run_point(args, models, root, replicas, learners, variant, weights_bytes: in
                                                                          rows[-1]["pairs_added"])
     span = t_b - t_a
     measured = (n_b - n_a) / span  # rows the buffer inserted per second, in the steady state
-    ideal, t_s, t_t = ideal_pairs_per_s(args, replicas)
+    ideal, t_s, t_t = ideal_pairs_per_s(args, replicas, P)
     buf = summary["buffer"]
     row_bytes = buf["bytes"] / max(buf["size"], 1)
-    P = args.prompts_per_request
     syncs = summary["policy_version"]
     sync_s = [r["weight_sync_s"] for r in rows[w:] if r["weight_sync_s"]]
     pairs_per_sync = summary["pairs_added"] / max(syncs, 1)
@@ -223,7 +244,8 @@ def run_point(args, models, root, replicas, learners, variant, weights_bytes: in
         "window": {"s": span, "rows": n_b - n_a, "requests": (n_b - n_a) / P, "steps": steps_in,
                    "driver_cpu_s": drv_b - drv_a, "buffer_cpu_s": buf_b - buf_a},
         "buffer_rows": summary["buffer"].get("rows"), "trained_pairs_s": consumed, "dropped_stale": summary["buffer"]["dropped_stale"],
-        "variant": variant, "replicas": replicas, "learners": learners, "steps": summary["steps"],
+        "variant": variant, "replicas": replicas, "learners": learners, "prompts_per_request": P,
+        "steps": summary["steps"],
         "pairs": summary["pairs_added"], "wall_s": wall, "steady_s": span,
         "measured_pairs_s": measured, "ideal_pairs_s": ideal, "efficiency": measured / ideal,
         "driver_cpu_share": (drv_b - drv_a) / span, "driver_cpu_s_per_request": (drv_b - drv_a) / (rows_in / P),
@@ -295,23 +317,49 @@ def sync_probe(root: Path, size: str, counts: list[int], repeats: int = 3) -> li
     return out
 
 
-def fit_costs(results: list[dict]) -> dict:
-    """Least-squares per-unit costs over a variant's points: driver CPU s = a * steps + b * requests,
-    buffer CPU s = c * seconds + d * rows (c: what the buffer spends per second whatever the rate:
-    the per-step calls and this benchmark's stats polling)."""
+def nonnegative_lstsq(X: list[list[float]], y: list[float]) -> list[float]:
+    """Least squares with every coefficient >= 0 (a cost is never negative): fit, drop the most
+    negative term, fit the rest again, until none is negative."""
     import numpy as np
 
+    X, y = np.asarray(X, float), np.asarray(y, float)
+    keep = list(range(X.shape[1]))
+    while True:
+        coef = np.zeros(X.shape[1])
+        if keep:
+            coef[keep] = np.linalg.lstsq(X[:, keep], y, rcond=None)[0]
+        if (coef >= 0).all():
+            return coef.tolist()
+        keep.remove(int(np.argmin(coef)))
+
+
+# each part's CPU seconds over a window, as a sum of per-unit costs: the units it is fitted on
+DRIVER_TERMS = ("s", "steps", "requests", "rows")  # rows: one per prompt
+BUFFER_TERMS = ("s", "requests", "rows")
+UNIT = {"s": "s", "steps": "step", "requests": "request", "rows": "row"}  # driver_s_per_<unit>
+
+
+def fit_costs(results: list[dict]) -> dict:
+    """Per-unit CPU costs over a variant's points (least squares, non-negative): the driver's CPU s =
+    a * seconds + b * steps + c * requests + d * prompts; the buffer actor's = e * seconds + f * requests
+    + g * rows. The per-second terms are what a part spends whatever the rate (Ray's own threads, the
+    per-step calls' share). Requests and prompts are told apart only when the points have more than one
+    request size (``--size-points``); with one size the per-prompt (driver) and per-request (buffer)
+    terms are left out, and the other one carries both."""
     out = {}
     for v in sorted({r["variant"] for r in results}):
-        pts = [r["window"] for r in results if r["variant"] == v]
-        if len(pts) < 2:
+        pts = [r for r in results if r["variant"] == v]
+        sizes = {r.get("prompts_per_request") for r in pts}
+        drv = [t for t in DRIVER_TERMS if len(sizes) > 1 or t != "rows"]
+        buf = [t for t in BUFFER_TERMS if len(sizes) > 1 or t != "requests"]
+        if len(pts) < len(drv):
             continue
-        (a, b), *_ = np.linalg.lstsq(np.array([[p["steps"], p["requests"]] for p in pts], float),
-                                     np.array([p["driver_cpu_s"] for p in pts]), rcond=None)
-        (c, d), *_ = np.linalg.lstsq(np.array([[p["s"], p["rows"]] for p in pts], float),
-                                     np.array([p["buffer_cpu_s"] for p in pts]), rcond=None)
-        out[v] = {"driver_s_per_step": a, "driver_s_per_request": b, "buffer_s_per_s": c, "buffer_s_per_row": d,
-                  "points": len(pts)}
+        w = [r["window"] for r in pts]
+        a = nonnegative_lstsq([[x[t] for t in drv] for x in w], [x["driver_cpu_s"] for x in w])
+        b = nonnegative_lstsq([[x[t] for t in buf] for x in w], [x["buffer_cpu_s"] for x in w])
+        costs = {f"driver_s_per_{UNIT[t]}": dict(zip(drv, a)).get(t, 0.0) for t in DRIVER_TERMS}
+        costs.update({f"buffer_s_per_{UNIT[t]}": dict(zip(buf, b)).get(t, 0.0) for t in BUFFER_TERMS})
+        out[v] = {**costs, "points": len(pts), "sizes": sorted(sizes)}
     return out
 
 
@@ -355,10 +403,19 @@ def predict(costs: dict, row_bytes: float, cluster: dict = CLUSTER, prompts_per_
            "sync_broadcast": c["sync_every"] * c["batch"] / sync_broadcast_s,
            "buffer_node_nic_actor_mode": c["head_nic_Bps"] / (row_bytes * (1 + learner_nodes))}
     for v, k in costs.items():
-        out[f"buffer_actor_{v}"] = 1.0 / max(k["buffer_s_per_row"], 1e-9)
+        k = {f"{part}_s_per_{UNIT[t]}": k.get(f"{part}_s_per_{UNIT[t]}", 0.0)  # older fits lack some terms
+             for part, terms in (("driver", DRIVER_TERMS), ("buffer", BUFFER_TERMS)) for t in terms}
         for P in prompts_per_request:
-            out[f"driver_{v}_P{P}"] = 1.0 / (k["driver_s_per_step"] / c["batch"] + k["driver_s_per_request"] / P)
+            # one core each, less what it spends per second whatever the rate (inf: no per-unit cost fitted)
+            out[f"buffer_actor_{v}_P{P}"] = _ceiling(1 - k["buffer_s_per_s"],
+                                                     k["buffer_s_per_request"] / P + k["buffer_s_per_row"])
+            out[f"driver_{v}_P{P}"] = _ceiling(1 - k["driver_s_per_s"], k["driver_s_per_step"] / c["batch"]
+                                               + k["driver_s_per_request"] / P + k["driver_s_per_row"])
     return out
+
+
+def _ceiling(core_share: float, seconds_per_pair: float) -> float:
+    return core_share / seconds_per_pair if seconds_per_pair > 0 else float("inf")
 
 
 def print_prediction(pred: dict) -> None:
@@ -367,17 +424,20 @@ def print_prediction(pred: dict) -> None:
           f"{gpu:.0f} pairs/s (inference {pred['inference_bound']:.0f}, learners {pred['learner_bound']:.0f})")
     for k, v in pred.items():
         if k not in ("gpu_bound", "inference_bound", "learner_bound", "sampler_gpus"):
-            print(f"  ceiling {k:<28} {v:>10.0f} pairs/s  {v / gpu:>6.1f}x GPU-bound")
+            if v == float("inf"):
+                print(f"  ceiling {k:<28}  unbounded: every per-unit cost was fitted as 0 (too few or too noisy points)")
+            else:
+                print(f"  ceiling {k:<28} {v:>10.0f} pairs/s  {v / gpu:>6.1f}x GPU-bound")
 
 
 def print_table(results: list[dict], header: str) -> None:
     print(header)
-    cols = ("variant", "R", "K", "ideal p/s", "meas p/s", "eff", "trained p/s", "driver cpu", "buffer cpu", "drv ms/req",
+    cols = ("variant", "R", "K", "P", "ideal p/s", "meas p/s", "eff", "trained p/s", "driver cpu", "buffer cpu", "drv ms/req",
             "buf ms/row", "KB/pair", "buf-node KB", "buf fill", "prompts")
     print(" ".join(f"{c:>10}" for c in cols))
     for r in results:
         print(" ".join(f"{v:>10}" for v in (
-            r["variant"], r["replicas"], r["learners"], f"{r['ideal_pairs_s']:.1f}", f"{r['measured_pairs_s']:.1f}",
+            r["variant"], r["replicas"], r["learners"], r.get("prompts_per_request", "?"), f"{r['ideal_pairs_s']:.1f}", f"{r['measured_pairs_s']:.1f}",
             f"{r['efficiency']:.2f}", f"{r['trained_pairs_s']:.1f}", f"{r['driver_cpu_share']:.2f}", f"{r['buffer_cpu_share']:.2f}",
             f"{1e3 * r['driver_cpu_s_per_request']:.2f}", f"{1e3 * r['buffer_cpu_s_per_row']:.2f}",
             f"{r['bytes_per_pair'] / 1024:.0f}", f"{r['buffer_node_bytes_per_pair'] / 1024:.0f}",
@@ -399,6 +459,10 @@ def main(argv=None) -> int:
     p.add_argument("--response-tokens", type=int, default=384)
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--prompts-per-request", type=int, default=8)
+    p.add_argument("--size-points", default="4:16,2:32,1:64",
+                   help="R:P points (one learner rank) at P prompts per request, the replicas' rates scaled "
+                        "by P / --prompts-per-request: as many prompts in flight as at R*P/base, in larger "
+                        "requests. They tell a cost per request from a cost per prompt ('' for none)")
     p.add_argument("--tokens-per-s", type=float, default=1024.0, help="one simulated replica's generation rate")
     p.add_argument("--score-tokens-per-s", type=float, default=10240.0)
     p.add_argument("--latency", type=float, default=0.05, help="simulated fixed cost per engine call, s")
@@ -420,8 +484,17 @@ def main(argv=None) -> int:
     if args.quick:
         args.replicas, args.learners, args.steps, args.warmup = "2", "1", 6, 2
         args.response_tokens, args.top_k, args.batch_size, args.capacity = 32, 4, 8, 64
-        args.num_prompts, args.sync_size = 256, "none"
+        args.num_prompts, args.sync_size, args.size_points = 256, "none", ""
     replicas = [int(x) for x in args.replicas.split(",")]
+    sizes = []  # (R, 1, P): the size points
+    for item in filter(None, args.size_points.split(",")):
+        try:
+            r, P = (int(x) for x in item.split(":"))
+        except ValueError:
+            p.error(f"--size-points: {item!r} is not R:P (replicas:prompts per request), e.g. 4:16")
+        if r < 1 or P < 1:
+            p.error(f"--size-points: {item!r}: R and P must be >= 1")
+        sizes.append((r, 1, P))
     learners = [int(x) for x in args.learners.split(",")]
     variants = args.variants.split(",")
     import ray
@@ -435,7 +508,7 @@ def main(argv=None) -> int:
                   "student": str(make_tiny_model(root / "student", num_layers=1, seed=1))}
         args.generation_bytes_per_pair = generation_bytes_per_pair(args, models["student"])
         params, wbytes = weights_nbytes(models["student"])
-        cluster = start_cluster(-(-2 * max(replicas) // 8), args.object_store_mb)
+        cluster = start_cluster(-(-2 * max(replicas + [r for r, _, _ in sizes]) // 8), args.object_store_mb)
         results, syncs = [], []
         try:
             if args.sync_size != "none":
@@ -445,12 +518,15 @@ def main(argv=None) -> int:
                           f"to {x['samplers']} samplers on {x['nodes']} nodes: {x['sync_s']:.3f} s",
                           file=sys.stderr, flush=True)
             # every R with one learner rank, then more ranks at the largest R
-            points = [(r, 1) for r in replicas] + [(max(replicas), k) for k in learners if k != 1]
-            for r, k in points:
+            # every R with one learner rank, then more ranks at the largest R, then the request sizes
+            P0 = args.prompts_per_request
+            points = ([(r, 1, P0) for r in replicas] + [(max(replicas), k, P0) for k in learners if k != 1]
+                      + sizes)
+            for r, k, P in points:
                 for v in variants:
-                    res = run_point(args, models, root, r, k, v, wbytes)
+                    res = run_point(args, models, root, r, k, v, wbytes, P)
                     results.append(res)
-                    print(f"[{time.perf_counter() - t0:.0f}s] {v} R={r} K={k}: {res['measured_pairs_s']:.1f} "
+                    print(f"[{time.perf_counter() - t0:.0f}s] {v} R={r} K={k} P={P}: {res['measured_pairs_s']:.1f} "
                               f"of {res['ideal_pairs_s']:.1f} pairs/s (eff {res['efficiency']:.2f}), prompts "
                               f"{'ok' if res['prompts']['ok'] else 'BAD'}", file=sys.stderr, flush=True)
         finally:
@@ -467,8 +543,10 @@ def main(argv=None) -> int:
     print_table(results, header)
     costs = fit_costs(results)
     for v, c in costs.items():
-        print(f"fit {v} ({c['points']} points): driver {1e3 * c['driver_s_per_step']:.2f} ms/step + "
-              f"{1e3 * c['driver_s_per_request']:.2f} ms/request; buffer {c['buffer_s_per_s']:.3f} s/s + "
+        print(f"fit {v} ({c['points']} points, {'/'.join(map(str, c['sizes']))} prompts/request): driver "
+              f"{c['driver_s_per_s']:.4f} s/s + {1e3 * c['driver_s_per_step']:.2f} ms/step + "
+              f"{1e3 * c['driver_s_per_request']:.3f} ms/request + {1e3 * c['driver_s_per_row']:.3f} ms/prompt; "
+              f"buffer {c['buffer_s_per_s']:.4f} s/s + {1e3 * c['buffer_s_per_request']:.3f} ms/request + "
               f"{1e3 * c['buffer_s_per_row']:.3f} ms/row")
     if costs:
         print_prediction(predict(costs, statistics.median(r["row_bytes"] for r in results)))
