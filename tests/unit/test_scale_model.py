@@ -2,19 +2,12 @@
 costs non-negative, tells a cost per request from one per prompt only when the request size varies, and
 the predicted ceilings are the stated arithmetic."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from benchmark_modules import load_benchmark
 
 
 def _scale():
-    spec = importlib.util.spec_from_file_location("scale_bench", ROOT / "benchmarks" / "scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scale")
 
 
 # the truth the points are made from: CPU s per second, step, request, prompt (row)

@@ -1,22 +1,16 @@
 """The measuring parts of benchmarks/vs_trl.py: the steady-state rate and a process tree's peak memory."""
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from benchmark_modules import load_benchmark
 
 
 def _vs_trl():
-    spec = importlib.util.spec_from_file_location("vs_trl", ROOT / "benchmarks" / "vs_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("vs_trl")
 
 
 def test_steady_rate_leaves_out_the_first_steps():
