@@ -84,10 +84,10 @@ def rates(args, P: int) -> tuple[float, float]:
 
 
 def point_config(args, models: dict, root: Path, replicas: int, learners: int, variant: str, name: str,
-                 P: int | None = None):
+                 P: int):
     from driver.config import load_config
 
-    L, P = args.response_tokens, P or args.prompts_per_request
+    L = args.response_tokens
     rows = "actor" if variant == "before" else "object_store"
     batch = batch_size(args, replicas, P)
     gen_tps, score_tps = rates(args, P)
@@ -112,7 +112,7 @@ def point_config(args, models: dict, root: Path, replicas: int, learners: int, v
     ])
 
 
-def batch_size(args, replicas: int, P: int | None = None) -> int:
+def batch_size(args, replicas: int, P: int) -> int:
     """--batch-size, or about 1.5 s of ideal production rounded to a multiple of 8 in [8, 32]: a step
     at R=1 does not wait a minute for its rows, and a step at large R is not mostly per-step overhead."""
     if args.batch_size:
@@ -120,9 +120,10 @@ def batch_size(args, replicas: int, P: int | None = None) -> int:
     return int(min(32, max(8, 8 * round(1.5 * ideal_pairs_per_s(args, replicas, P)[0] / 8))))
 
 
-def ideal_pairs_per_s(args, replicas: int, P: int | None = None) -> tuple[float, float, float]:
-    """(ideal pairs/s, one sampler call s, one teacher request s), from the configured rates alone."""
-    L, P = args.response_tokens, P or args.prompts_per_request
+def ideal_pairs_per_s(args, replicas: int, P: int) -> tuple[float, float, float]:
+    """(ideal pairs/s, one sampler call s, one teacher request s) at P prompts per request, from the
+    configured rates alone."""
+    L = args.response_tokens
     gen_tps, score_tps = rates(args, P)
     sampler = args.latency + P * L / gen_tps
     # the teacher generates y_t (top-k comes with it) and scores y_s: two calls
@@ -198,11 +199,10 @@ class Poller:
         return self.samples[i], self.samples[k]
 
 
-def run_point(args, models, root, replicas, learners, variant, weights_bytes: int, P: int | None = None) -> dict:
+def run_point(args, models, root, replicas, learners, variant, weights_bytes: int, P: int) -> dict:
     from driver.online import run_online
     from driver.prepare import prepare
 
-    P = P or args.prompts_per_request
     name = f"scale-{variant}-r{replicas}-k{learners}-p{P}"
     cfg = point_config(args, models, root, replicas, learners, variant, name, P)
     prep = prepare(cfg, str(root / "runs" / name), overwrite=True)
@@ -357,8 +357,9 @@ def fit_costs(results: list[dict]) -> dict:
         w = [r["window"] for r in pts]
         a = nonnegative_lstsq([[x[t] for t in drv] for x in w], [x["driver_cpu_s"] for x in w])
         b = nonnegative_lstsq([[x[t] for t in buf] for x in w], [x["buffer_cpu_s"] for x in w])
-        costs = {f"driver_s_per_{UNIT[t]}": dict(zip(drv, a)).get(t, 0.0) for t in DRIVER_TERMS}
-        costs.update({f"buffer_s_per_{UNIT[t]}": dict(zip(buf, b)).get(t, 0.0) for t in BUFFER_TERMS})
+        fitted = {("driver", t): c for t, c in zip(drv, a)} | {("buffer", t): c for t, c in zip(buf, b)}
+        costs = {f"{part}_s_per_{UNIT[t]}": fitted.get((part, t), 0.0)  # a term left out costs 0
+                 for part, terms in (("driver", DRIVER_TERMS), ("buffer", BUFFER_TERMS)) for t in terms}
         out[v] = {**costs, "points": len(pts), "sizes": sorted(sizes)}
     return out
 

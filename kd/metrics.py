@@ -158,10 +158,14 @@ def token_kl(teacher_logits, student_logits):
 
     logp = torch.log_softmax(teacher_logits.float(), -1)
     logq = torch.log_softmax(student_logits.float(), -1)
-    return kl_both_ways(logp, logq)[0]
+    return kl_from_logps(logp, logq)
+
+
+def kl_from_logps(logp, logq):
+    """Per-position KL(p || q) in nats from normalised log-probs ``[..., V]``."""
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def kl_both_ways(logp, logq):
-    """Per-position ``(KL(p || q), KL(q || p))`` in nats from log-probs ``[..., V]`` (already
-    normalised): both directions from one normalisation of each side."""
-    return (logp.exp() * (logp - logq)).sum(-1), (logq.exp() * (logq - logp)).sum(-1)
+    """Per-position ``(KL(p || q), KL(q || p))``: both directions from one normalisation of each side."""
+    return kl_from_logps(logp, logq), kl_from_logps(logq, logp)
