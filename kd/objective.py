@@ -91,6 +91,28 @@ def response_logits(model, seqs: Seqs) -> torch.Tensor:
     return out.logits
 
 
+def paired_response_logits(model, seqs: Seqs) -> torch.Tensor:
+    """``response_logits`` for rows that come in pairs with the same prompt (rows 2i and 2i+1: y_t and
+    y_s of one buffer row), with each prompt run once. The prompt's first P-1 columns go through the
+    model once per pair (their keys and values, with their gradient, are repeated for both rows of
+    the pair); the last prompt token and the responses then run per row on that cache. The prompt's
+    share of the body's work is halved; the logits are those of ``response_logits`` (the same
+    positions and attention), up to float rounding."""
+    from transformers import DynamicCache
+
+    P, R = seqs.prompt_width, seqs.resp_ids.shape[1]
+    if P < 2:
+        return response_logits(model, seqs)
+    cache = DynamicCache()
+    model(input_ids=seqs.input_ids[0::2, :P - 1], attention_mask=seqs.attention_mask[0::2, :P - 1],
+          position_ids=seqs.position_ids[0::2, :P - 1], past_key_values=cache, use_cache=True,
+          logits_to_keep=1)  # (one position's logits: the prompt's are not read)
+    cache.batch_repeat_interleave(2)
+    out = model(input_ids=seqs.input_ids[:, P - 1:P - 1 + R], attention_mask=seqs.attention_mask[:, :P - 1 + R],
+                position_ids=seqs.position_ids[:, P - 1:P - 1 + R], past_key_values=cache, use_cache=True)
+    return out.logits
+
+
 def token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
@@ -192,10 +214,14 @@ class _Forward:
 
     def __init__(self, model, table: pa.Table, rows: dict[str, list[int]], pad_id: int):
         prompts = table.column("prompt_ids").to_pylist()
-        order = [(s, i) for s in ("chosen", "rejected") for i in rows[s]]
+        paired = bool(rows["chosen"]) and rows["chosen"] == rows["rejected"]  # both sides of the same rows
+        if paired:  # y_t and y_s of a row side by side: their prompt runs once (paired_response_logits)
+            order = [(s, i) for i in rows["chosen"] for s in ("chosen", "rejected")]
+        else:
+            order = [(s, i) for s in ("chosen", "rejected") for i in rows[s]]
         resp = {s: table.column(f"{s}_ids").to_pylist() for s in ("chosen", "rejected") if rows[s]}
         seqs = pack([prompts[i] for _, i in order], [resp[s][i] for s, i in order], pad_id)
-        self.logits = response_logits(model, seqs)
+        self.logits = (paired_response_logits if paired else response_logits)(model, seqs)
         self.ids, self.mask, self.width = seqs.resp_ids, seqs.resp_mask, seqs.resp_ids.shape[1]
         self.pos = {s: {} for s in rows}
         for j, (s, i) in enumerate(order):
@@ -204,14 +230,32 @@ class _Forward:
         # row by row, for the per-teacher split (compute_loss's by_teacher)
         self.per_row: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.y_t_ce: tuple[torch.Tensor, torch.Tensor] | None = None  # dpkd's, for sft_loss per pool
+        self._logps: torch.Tensor | None = None  # [n, R] token log-probs of every packed sequence
+
+    def _select(self, side: str, rows):
+        idx = [self.pos[side][i] for i in rows]
+        step = idx[1] - idx[0] if len(idx) > 1 else 1
+        if step > 0 and idx == list(range(idx[0], idx[0] + step * len(idx), step)):
+            return slice(idx[0], idx[0] + step * len(idx), step)  # a view: no copy of [n, R, V] logits
+        return torch.tensor(idx)
 
     def take(self, side: str, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = [self.pos[side][i] for i in rows]
-        if idx == list(range(idx[0], idx[0] + len(idx))):  # a view: no copy of [n, R, V] logits
-            sel = slice(idx[0], idx[0] + len(idx))
-        else:
-            sel = torch.tensor(idx)
+        sel = self._select(side, rows)
         return self.logits[sel], self.ids[sel], self.mask[sel]
+
+    @property
+    def has_logps(self) -> bool:
+        return self._logps is not None
+
+    def take_logps(self, side: str, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's log-prob of each response token ``[len(rows), R]`` and the mask. One
+        log-softmax over every packed sequence, shared by the terms that read token log-probs: slicing
+        the [n, R] result, not the [n, R, V] logits, keeps backward from filling a zero gradient of
+        the whole logits tensor per slice."""
+        if self._logps is None:
+            self._logps = token_logps(self.logits, self.ids)
+        sel = self._select(side, rows)
+        return self._logps[sel], self.mask[sel]
 
     def zero(self) -> torch.Tensor:
         """A 0 connected to the graph, so backward works even when every term skipped its rows."""
@@ -241,8 +285,8 @@ def text_path_rows(table: pa.Table) -> int:
 
 def _dpkd_term(fwd: _Forward, table, cfg, counts, metrics) -> torch.Tensor:
     every = range(table.num_rows)
-    (lc, ic, mc), (lr, ir, mr) = fwd.take("chosen", every), fwd.take("rejected", every)
-    pc, pr = (token_logps(lc, ic) * mc).sum(-1), (token_logps(lr, ir) * mr).sum(-1)
+    (lpc, mc), (lpr, mr) = fwd.take_logps("chosen", every), fwd.take_logps("rejected", every)
+    pc, pr = (lpc * mc).sum(-1), (lpr * mr).sum(-1)
     ref_c = _teacher_logp_sums(table, "chosen", fwd.width, mc)
     ref_r = _teacher_logp_sums(table, "rejected", fwd.width, mr)
     main, cr, rr = L.dpkd_loss(pc, pr, ref_c, ref_r, mc.sum(-1), mr.sum(-1), beta=cfg.beta,
@@ -293,8 +337,7 @@ def _pg_term(fwd: _Forward, table, cfg, counts, metrics) -> torch.Tensor:
     """On-policy reverse KL on y_s: per token where the teacher scored each student token, per
     sequence for rows of the text path (a teacher with another tokenizer gives one log-prob of y_s's
     text: ``L.sequence_reverse_kl_policy_gradient``). Both over the step's y_s token count."""
-    lr, ir, mr = fwd.take("rejected", range(table.num_rows))
-    student = token_logps(lr, ir)
+    student, mr = fwd.take_logps("rejected", range(table.num_rows))
     behaviour = pad_2d(table.column("rejected_behaviour_logps").to_pylist(), fwd.width)
     sums = table.column("rejected_teacher_logp_sum").to_pylist()
     parts = []  # (loss, stats, live tokens) of the per-token rows and of the text-path rows
@@ -378,8 +421,12 @@ def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None =
             main = term(fwd, table, cfg, counts, metrics)
         loss = loss + cfg.kd_coef * main
     if cfg.sft_coef > 0:
-        lc, ic, mc = fwd.take("chosen", range(n))
-        sft = L.sft_loss(lc, ic, mc, num_tokens=counts["chosen"])
+        if fwd.has_logps:  # dpkd has y_t's token log-probs already: the same mean, no second log-softmax
+            lpc, mc = fwd.take_logps("chosen", range(n))
+            sft = -(lpc * mc).sum() / max(counts["chosen"], 1)
+        else:  # chunked: no [n, R, V] float temporary
+            lc, ic, mc = fwd.take("chosen", range(n))
+            sft = L.sft_loss(lc, ic, mc, num_tokens=counts["chosen"])
         metrics["sft_loss"] = sft.item()
         loss = loss + cfg.sft_coef * sft
     metrics["loss"] = loss.item()

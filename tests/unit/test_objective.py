@@ -72,6 +72,32 @@ def test_response_logits_equal_unpadded_forward(model):
         torch.testing.assert_close(lp[i, : len(r)], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_paired_response_logits_equal_each_sequence_alone_with_gradients(model):
+    """Rows 2i and 2i+1 share a prompt (y_t and y_s of one buffer row): running that prompt once
+    gives, for every sequence, the log-probs and the parameter gradient of running each sequence
+    unpadded on its own (prompts of different lengths, so left padding is exercised)."""
+    from kd.objective import paired_response_logits
+
+    prompts, resps = [[5, 6, 7, 9], [8, 4]], [[10, 11], [12, 13, 14], [15], [16, 17, 18, 19]]
+    pairs = [prompts[i // 2] for i in range(4)]
+    s = pack(pairs, resps, pad_id=0)
+    model.zero_grad()
+    lp = token_logps(paired_response_logits(model, s), s.resp_ids)
+    (lp * s.resp_mask).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0.0
+    for i, (p, r) in enumerate(zip(pairs, resps)):
+        full = model(input_ids=torch.tensor([p + r])).logits[0].log_softmax(-1)
+        ref = full[len(p) - 1 : len(p) + len(r) - 1].gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp[i, : len(r)].detach(), ref.detach(), atol=1e-5, rtol=1e-5)
+        total = total + ref.sum()
+    total.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    model.zero_grad()
+
+
 
 
 # ------------------------------------------------------------------------------------ references
