@@ -212,9 +212,10 @@ class _Forward:
     """One student forward over the sequences the loss reads: ``rows[side]`` (table row indices) of y_t
     ("chosen") and y_s ("rejected"), packed together; ``take`` slices a side's rows back out."""
 
-    def __init__(self, model, table: pa.Table, rows: dict[str, list[int]], pad_id: int):
+    def __init__(self, model, table: pa.Table, rows: dict[str, list[int]], pad_id: int, pair_prompts: bool = True):
         prompts = table.column("prompt_ids").to_pylist()
-        paired = bool(rows["chosen"]) and rows["chosen"] == rows["rejected"]  # both sides of the same rows
+        # both sides of the same rows (dpkd): y_t and y_s of a row share their prompt's forward
+        paired = pair_prompts and bool(rows["chosen"]) and rows["chosen"] == rows["rejected"]
         if paired:  # y_t and y_s of a row side by side: their prompt runs once (paired_response_logits)
             order = [(s, i) for i in rows["chosen"] for s in ("chosen", "rejected")]
         else:
@@ -380,7 +381,7 @@ def teacher_pools(table: pa.Table) -> list[str]:
 
 def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None = None,
                  world_size: int = 1, health: dict | None = None,
-                 by_teacher: dict | None = None) -> tuple[torch.Tensor, dict]:
+                 by_teacher: dict | None = None, pair_prompts: bool = True) -> tuple[torch.Tensor, dict]:
     """``kd_coef * main + sft_coef * CE(y_t)`` for ``cfg`` (a ``LossConfig``; None fields take the
     method's defaults) on ``table`` (buffer rows), plus float metrics. Each term is computed only when
     its weight is > 0.
@@ -391,7 +392,9 @@ def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None =
     trained on (no_grad; the loss is unchanged).
     ``by_teacher``: a dict that receives, per teacher pool of the rows (``teacher_name``; rows without
     one are left out), ``METRIC/NAME -> (sum, count)`` of the metrics that are means over rows or tokens
-    (the dpkd row metrics, the SFT cross entropy per token of y_t), from this forward (no_grad)."""
+    (the dpkd row metrics, the SFT cross entropy per token of y_t), from this forward (no_grad).
+    ``pair_prompts``: when the loss reads y_t and y_s of every row, run each prompt once for both
+    (``paired_response_logits``); False runs it once per sequence (benchmarks/learner_step.py compares)."""
     cfg = resolve_loss(cfg)
     counts = counts or token_counts(table, cfg)
     n = table.num_rows
@@ -410,7 +413,7 @@ def compute_loss(model, table: pa.Table, cfg, pad_id: int, counts: dict | None =
                          f"{len(missing)} of these {n} rows have none (offline rows)")
     if cfg.sft_coef > 0:
         rows["chosen"] = list(range(n))
-    fwd = _Forward(model, table, rows, pad_id)  # both sides in one forward
+    fwd = _Forward(model, table, rows, pad_id, pair_prompts)  # both sides in one forward
     metrics: dict = {}
     loss = fwd.zero()
     if cfg.kd_coef > 0:
