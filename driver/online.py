@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -263,11 +264,18 @@ class Trainer:
     def _run(self) -> dict:
         self.t0 = time.perf_counter()
         self.probe_before = _probe(self.actors, self.prep)
+        before = None
         if self.cfg.eval.before_after and self.step == 0:
-            self.eval_before = self._evaluate(self.actors.samplers[0])
+            # the sampler's held-out answers while the teacher answers them and writes the teacher data:
+            # the two actors' work overlaps (a thread here only waits on the sampler's calls)
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-before")
+            before = pool.submit(self._evaluate, self.actors.samplers[0])
+            pool.shutdown(wait=False)
         if self.cfg.eval.teacher and not self.eval_teacher:
             self.eval_teacher = self._evaluate(self.actors.teachers.workers[0])
         self._generate_teacher_data()
+        if before is not None:
+            self.eval_before = before.result()
         bar = ProgressBar(self.cfg.total_steps(), enabled=self.progress,
                           buffer_capacity=self.cfg.buffer.capacity, initial=self.step)
         every = self.cfg.checkpoint.every_steps
