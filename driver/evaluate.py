@@ -236,11 +236,12 @@ def _load_eval_model(path: str):
 
 
 def _continuation_logits(model, prompt: list[int], cont: list[int]):
-    """Logits at positions len(prompt)-1 ... that predict ``cont``'s tokens, on the CPU."""
+    """Logits at positions len(prompt)-1 ... that predict ``cont``'s tokens, on the CPU (the output
+    layer runs on those positions only: ``logits_to_keep``)."""
     import torch
 
     ids = torch.tensor([prompt + cont], device=model.device)
-    return model(input_ids=ids).logits[0, len(prompt) - 1:-1].cpu()
+    return model(input_ids=ids, logits_to_keep=len(cont) + 1).logits[0, :-1].cpu()
 
 
 def _maybe_progress(items, progress: bool, desc: str):
