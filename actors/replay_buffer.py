@@ -223,6 +223,7 @@ class BufferCore:
     def stats(self) -> dict:
         return {
             "size": len(self),
+            "unconsumed": int((self.uses == 0).sum()),  # rows no learner has taken yet
             "capacity": self.capacity,
             "inserted": self.inserted,
             "consumed": self.consumed,

@@ -46,6 +46,7 @@ class TeacherWorker:
         self.pairs = 0
         self.busy_s = 0.0
         self.generated_tokens = self.scored_tokens = 0  # the teacher work done, in tokens
+        self.reused_answers = 0  # y_t taken from a stored teacher dataset instead of generated
 
     def ready(self) -> bool:
         return True
@@ -95,31 +96,37 @@ class TeacherWorker:
 
     def _token_columns(self, requests: list[dict], student: list[Generation] | None, needs: dict) -> dict:
         """The same-tokenizer path: y_t and the teacher's per-token log-probs / top-k of y_t and y_s."""
-        t = time.perf_counter()
-        if needs["y_t"]:
-            teacher = self.engine.generate([r["teacher_prompt_ids"] for r in requests], self.params)
-            metrics.record_generation(f"teacher-{self.index}", len(teacher),
-                                      sum(len(g.token_ids) for g in teacher), time.perf_counter() - t)
-        else:
-            teacher = [Generation([], [], "length", self.engine.version) for _ in requests]
+        # y_t to generate: every prompt the loss needs it for, except those that carry a stored answer
+        fresh = [i for i, r in enumerate(requests) if needs["y_t"] and r.get("teacher_answer") is None]
+        teacher = [_stored_answer(r.get("teacher_answer"), self.engine.version) for r in requests]
+        if fresh:
+            t = time.perf_counter()
+            made = self.engine.generate([requests[i]["teacher_prompt_ids"] for i in fresh], self.params)
+            metrics.record_generation(f"teacher-{self.index}", len(made),
+                                      sum(len(g.token_ids) for g in made), time.perf_counter() - t)
+            for i, g in zip(fresh, made):
+                teacher[i] = g
         key = "teacher_prompt_ids" if self.score_with == "primed" else "prompt_ids"
         ctx = [r[key] for r in requests]
         student_ids = [g.token_ids for g in student] if student is not None else []
         to_score = student_ids if needs["teacher_scores_y_s"] else []
+        # a stored answer carries the scores it was stored with (the same score_with: checked at start)
+        chosen = list(teacher)
         if self.score_with == "primed":
             # y_t was sampled from the primed prompt: its raw log-probs and top-k came with it
-            chosen = teacher
             rejected = self.engine.score(ctx, to_score, self.top_k) if to_score else []
         else:
-            both = [g.token_ids for g in teacher if needs["y_t"]] + to_score
-            scores = self.engine.score((ctx + ctx)[: len(both)], both, self.top_k) if both else []
-            n_t = len(requests) if needs["y_t"] else 0
-            chosen, rejected = (scores[:n_t] if n_t else teacher), scores[n_t:]
+            both = [teacher[i].token_ids for i in fresh] + to_score
+            scores = self.engine.score([ctx[i] for i in fresh] + ctx[: len(to_score)], both, self.top_k) if both else []
+            for i, sc in zip(fresh, scores):
+                chosen[i] = sc
+            rejected = scores[len(fresh):]
         n = len(requests)
         empty = [[]] * n
-        self.generated_tokens += sum(len(g.token_ids) for g in teacher)
-        self.scored_tokens += sum(len(x.logprobs) for x in rejected) + (
-            0 if self.score_with == "primed" else sum(len(g.token_ids) for g in teacher))
+        made_tokens = sum(len(teacher[i].token_ids) for i in fresh)
+        self.generated_tokens += made_tokens
+        self.reused_answers += sum(r.get("teacher_answer") is not None for r in requests)
+        self.scored_tokens += sum(len(x.logprobs) for x in rejected) + (0 if self.score_with == "primed" else made_tokens)
         return {
             "chosen_ids": [g.token_ids for g in teacher],
             "chosen_teacher_logps": [s.logprobs for s in chosen],
@@ -187,7 +194,8 @@ class TeacherWorker:
 
     def stats(self) -> dict:
         return {"name": self.name, "index": self.index, "pairs": self.pairs, "busy_s": self.busy_s,
-                "generated_tokens": self.generated_tokens, "scored_tokens": self.scored_tokens}
+                "generated_tokens": self.generated_tokens, "scored_tokens": self.scored_tokens,
+                "reused_answers": self.reused_answers}
 
 
 class TeacherPool:
@@ -264,6 +272,15 @@ class TeacherPool:
             except ray.exceptions.RayActorError:  # restarting after a failure: no counts to give
                 out.append({"index": i, "unavailable": True})
         return out
+
+
+def _stored_answer(answer: dict | None, version: int) -> Generation:
+    """A y_t from a teacher dataset (``driver.offline.load_answers``) as the engine would have returned
+    it; no answer: the empty y_t of a loss that does not read one."""
+    if answer is None:
+        return Generation([], [], "length", version)
+    return Generation(answer["chosen_ids"], answer["chosen_teacher_logps"], "stored", version,
+                      answer["chosen_topk_ids"] or [], answer["chosen_topk_logps"] or [])
 
 
 @ray.remote(num_cpus=0)

@@ -13,7 +13,8 @@ with ``--gsm8k``, the LAST ``--gsm8k-limit`` questions of a GSM8K JSONL file (no
 Equal budget: every method trains on ``--steps`` x ``learner.batch_size`` samples with the same learning
 rate, warm-up and batch. Offline methods cycle over one teacher dataset per seed (``data.num_prompts``
 responses, generated once and shared; its generation time is added to each offline method's wall time,
-its tokens to each one's teacher tokens). ``seqkd_then_dpkd`` spends half its steps on each phase.
+its tokens to each one's teacher tokens). ``seqkd_then_dpkd`` spends half its steps on each phase. ``dpkd``
+and ``seqkd_then_dpkd`` take y_t from that dataset (``teacher_answers``) and are charged for it likewise.
 
 Scores per final student: exact match and Rouge-L against the reference solutions on each held-out set,
 and ``KL(teacher||student)`` / ``KL(student||teacher)`` teacher-forced on the held-out reference
@@ -72,8 +73,8 @@ def methods(steps: int) -> dict[str, list | None]:
     def off(loss, data="TEACHER", n=steps):
         return {"kind": "offline", "steps": n, "data": data, "loss": loss}
 
-    def on(loss, n=steps):
-        return {"kind": "online", "steps": n, "loss": loss}
+    def on(loss, n=steps, answers=None):
+        return {"kind": "online", "steps": n, "loss": loss, **({"teacher_answers": answers} if answers else {})}
 
     grid = {
         "initial": None,
@@ -83,11 +84,22 @@ def methods(steps: int) -> dict[str, list | None]:
         "dpkd_token": [off({"type": "dpkd_token"})],  # reads only y_t and its top-k: offline rows
         "gkd_jsd": [on({"type": "jsd"})],
         "pg_rkl": [on({"type": "pg_rkl"})],
-        "dpkd": [on({"type": "dpkd"})],
-        "seqkd_then_dpkd": [off({"type": "sft"}, n=half), on({"type": "dpkd"}, n=steps - half)],
+        # y_t of the seed's teacher dataset (schedule[i].teacher_answers): the teacher only scores y_s
+        "dpkd": [on({"type": "dpkd"}, answers="TEACHER")],
+        "seqkd_then_dpkd": [off({"type": "sft"}, n=half), on({"type": "dpkd"}, n=steps - half, answers="offline")],
     }
-    grid.update({f"dpkd+{s}": [on({"type": "dpkd"})] for s in DPKD_PRIMINGS})
+    grid.update({f"dpkd+{s}": [on({"type": "dpkd"})] for s in DPKD_PRIMINGS})  # y_t from primed prompts
     return grid
+
+
+def uses(schedule, dataset: str) -> bool:
+    """Whether a method's schedule reads the seed's shared dataset ``dataset`` (TEACHER or REFERENCE)."""
+    return any(dataset in (p.get("data"), p.get("teacher_answers")) for p in schedule or [])
+
+
+def _resolved(phase: dict, data: dict) -> dict:
+    """A grid phase with its dataset placeholders replaced by the seed's directories."""
+    return {k: str(data[v]) if k in ("data", "teacher_answers") and v in data else v for k, v in phase.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +261,7 @@ def run_one(name: str, schedule, base: dict, seed: int, work: Path, data: dict, 
     if schedule is None:
         model = data["student_path"]
     else:
-        offline = [p for p in schedule if p["kind"] == "offline"]
-        sched = [dict(p, data=str(data[p["data"]])) if p["kind"] == "offline" else p for p in schedule]
+        sched = [_resolved(p, data) for p in schedule]
         extra, run_name = {}, re.sub(r"[^A-Za-z0-9._-]", "_", name)  # run.name allows no '+'
         if name.startswith("dpkd+"):
             extra["priming"] = {"strategy": name.split("+", 1)[1]}
@@ -258,7 +269,7 @@ def run_one(name: str, schedule, base: dict, seed: int, work: Path, data: dict, 
                                       {**base, **extra, "run": {"name": run_name, "seed": seed}, "schedule": sched}))
         summary = run_online(cfg, prepare(cfg, str(_fresh(run_dir))), progress=False)  # redo an unfinished one
         model = summary["final_model"]
-        uses_teacher_data = any(p["data"] == "TEACHER" for p in offline)
+        uses_teacher_data = uses(schedule, "TEACHER")
         generated = sum(t.get("generated_tokens", 0) for t in summary["teachers"])
         result.update(steps=summary["steps"], wall_s=summary["wall_s"], loop_s=summary["wall_s"],
                       teacher_generated_tokens=generated,
@@ -303,7 +314,9 @@ def setting(base: dict) -> str:
         f"Offline methods cycle over one teacher dataset per seed ({base['data']['num_prompts']} answers of at "
         f"most {t['max_new_tokens']} tokens at temperature {t['temperature']:g}), whose generation is charged to "
         f"each of them; online methods' teacher answers have the same length, the student's samples at most "
-        f"{smp['max_new_tokens']} tokens; dpkd_token runs on the offline rows. Held out: synthetic problems of "
+        f"{smp['max_new_tokens']} tokens; dpkd_token runs on the offline rows. dpkd and seqkd_then_dpkd take "
+        "y_t from that teacher dataset (schedule teacher_answers: the teacher only scores y_s online); the "
+        "primed DPKD variants generate y_t online from their primed prompts. Held out: synthetic problems of "
         "another generator seed ('synth') and the last questions of the GSM8K training file ('GSM8K'), "
         "neither trained on; greedy answers (held-out engine in the header line); KL teacher-forced on the held-out reference solutions, full "
         "vocabulary, nats/token. 'initial' is the truncated student before any training.")
@@ -441,9 +454,9 @@ def main(argv=None) -> int:
         jobs = [(m, s) for s in seeds for m in chosen]
         for name, seed in tqdm(jobs, desc="quality", unit="run", dynamic_ncols=True):
             data = {"student_path": probe.student_path}
-            if any(p["data"] == "TEACHER" for p in grid[name] or [] if p["kind"] == "offline"):
+            if uses(grid[name], "TEACHER"):
                 data["TEACHER"], data["teacher_cost"] = teacher_dataset(base, seed, work)
-            if any(p["data"] == "REFERENCE" for p in grid[name] or [] if p["kind"] == "offline"):
+            if uses(grid[name], "REFERENCE"):
                 cfg = load_config(_write_yaml(work / f"ref-s{seed}.yaml", {**base, "run": {"seed": seed}}))
                 prep = prepare(cfg, str(_fresh(work / f"ref-s{seed}-run")))
                 data["REFERENCE"] = reference_dataset(cfg, prep, seed, work)

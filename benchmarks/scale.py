@@ -102,6 +102,7 @@ def point_config(args, models: dict, root: Path, replicas: int, learners: int, v
         f"teacher.num_replicas={replicas}", f"teacher.max_new_tokens={L}", f"teacher.top_k_logprobs={args.top_k}",
         f"sampler.num_replicas={replicas}", f"sampler.max_new_tokens={L}", f"sampler.prompts_per_request={P}",
         f"buffer.rows={rows}",
+        "sampler.max_steps_ahead=0",  # unpaced: each point measures what the producers can make
         *[f"teacher.{e}" for e in engine], *[f"sampler.{e}" for e in engine],
         f"learner.num_learners={learners}", "learner.num_cpus=1", "learner.num_gpus=1",
         "learner.resources={raykd_learner: 1}", f"learner.batch_size={batch}",

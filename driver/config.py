@@ -20,7 +20,7 @@ import yaml
 from kd.errors import UserInputError
 
 from kd.losses import DIVERGENCES, LOSS_TYPES, TOPK_TAILS
-from kd.objective import resolve_loss
+from kd.objective import loss_needs, resolve_loss
 from kd.priming import STRATEGIES
 
 
@@ -138,6 +138,11 @@ class SamplerConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_in_flight: int = 2  # producer requests outstanding per sampler (bounds policy lag)
+    # the producers take no new prompts while the buffer's untrained rows plus the prompts in flight
+    # cover this many learner steps (learner.batch_size rows each): they stay about one batch ahead of
+    # the learner instead of filling the buffer with rows that go stale, and leave it the machine's CPU
+    # (0: no bound but buffer.capacity)
+    max_steps_ahead: int = 2
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -224,6 +229,11 @@ class PhaseConfig:
     # this phase's peak learning rate (default: learner.lr); the warm-up of learner.warmup_steps
     # still counts the run's steps, so a phase after it trains at this rate from its first step
     lr: float | None = None
+    # online: take y_t (its tokens, the teacher's log-probs and top-k) from a teacher dataset instead of
+    # generating it: a `raykd generate` directory, or "offline" for the dataset of the last offline phase
+    # before this one (its `data`, or the run's own teacher-data). Prompts the dataset lacks are generated;
+    # the teacher still scores the student's samples. None: the teacher generates y_t for every prompt
+    teacher_answers: str | None = None
 
 
 @dataclass
@@ -453,6 +463,11 @@ def validate(cfg: Config) -> Config:
            cfg.buffer.min_size_to_train, f"must be <= buffer.capacity ({cfg.buffer.capacity})")
     _check(cfg.learner.batch_size <= cfg.buffer.capacity, "learner.batch_size",
            cfg.learner.batch_size, f"must be <= buffer.capacity ({cfg.buffer.capacity})")
+    ahead = cfg.sampler.max_steps_ahead
+    _check(ahead >= 0, "sampler.max_steps_ahead", ahead, "must be >= 0 (0: no bound but buffer.capacity)")
+    _check(ahead == 0 or ahead * cfg.learner.batch_size >= cfg.buffer.min_size_to_train, "sampler.max_steps_ahead",
+           ahead, f"x learner.batch_size ({cfg.learner.batch_size}) must reach buffer.min_size_to_train "
+           f"({cfg.buffer.min_size_to_train}), or the learner waits for rows the producers never make")
     _check(cfg.learner.batch_size % cfg.learner.num_learners == 0, "learner.batch_size",
            cfg.learner.batch_size, f"must be divisible by learner.num_learners ({cfg.learner.num_learners})")
     if cfg.models.student is None and cfg.models.student_keep_layers is None:
@@ -487,6 +502,7 @@ def validate(cfg: Config) -> Config:
                        "teacher's text) or use an online phase")
         else:
             _check(ph.data is None, f"{where}.data", ph.data, "online phases sample their own data")
+        _check_teacher_answers(cfg, i, ph, loss)
     if cfg.learner.bf16 == "on":
         _check(cfg.learner.num_gpus > 0, "learner.bf16", "on", "needs learner.num_gpus > 0 (bf16 here is GPU-only)")
     if cfg.learner.lora is not None:
@@ -501,6 +517,23 @@ def validate(cfg: Config) -> Config:
         _check(cfg.data.answer_field is not None, "data.answer_field", None,
                "priming.strategy=answer_hint needs the reference answer field")
     return cfg
+
+
+def _check_teacher_answers(cfg: Config, i: int, ph: PhaseConfig, loss: LossConfig) -> None:
+    """``schedule[i].teacher_answers``: an online phase whose loss reads y_t, one teacher, and for
+    ``offline`` an offline phase before it."""
+    if ph.teacher_answers is None:
+        return
+    where = f"schedule[{i}].teacher_answers"
+    _check(ph.kind == "online", where, ph.teacher_answers,
+           "only for online phases (an offline phase reads its teacher's answers from `data`)")
+    _check(loss_needs(loss)["y_t"], where, ph.teacher_answers,
+           f"loss.type={loss.type} with these weights never reads the teacher's response y_t; remove it")
+    _check(len(cfg.teachers) <= 1, where, ph.teacher_answers,
+           "needs a single teacher (with several, each prompt's answer comes from its routed teacher)")
+    if ph.teacher_answers == "offline":
+        _check(any(p.kind == "offline" for p in cfg.schedule[:i]), where, ph.teacher_answers,
+               "needs an offline phase before this one (or name a dataset directory)")
 
 
 def _check_engine(e, where: str) -> None:
@@ -594,6 +627,10 @@ def check_paths(cfg: Config, datasets: bool = True) -> Config:
         if ph.kind == "offline" and datasets and ph.data is not None:
             _check((Path(ph.data).expanduser() / "manifest.json").is_file(), f"schedule[{i}].data", ph.data,
                    "must be a dataset directory written by `raykd generate`")
+        if datasets and ph.teacher_answers not in (None, "offline"):
+            _check((Path(ph.teacher_answers).expanduser() / "manifest.json").is_file(),
+                   f"schedule[{i}].teacher_answers", ph.teacher_answers,
+                   "must be 'offline' or a dataset directory written by `raykd generate`")
     from driver.trackers import missing
 
     if missing(cfg.run.report_to):

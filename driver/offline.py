@@ -218,36 +218,36 @@ def read_dataset(path: str | Path) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def check_dataset_teacher(data: str, where: str, loss: str, tok, vocab_size: int | None) -> None:
+def check_dataset_teacher(data: str, where: str, loss: str, tok, vocab_size: int | None, field: str = "data") -> None:
     """Before any actor starts: the dataset's teacher shares this run's student's tokenizer (and, for
     a token-level loss, its vocab_size). A mismatch otherwise fails as an IndexError in the learner."""
     from kd.vocab import CROSS_TOKENIZER_LOSSES, TOKEN_LEVEL_LOSSES, tokenizer_fingerprint
 
     stamp = json.loads((Path(data).expanduser() / MANIFEST).read_text()).get("teacher_model")
     if not stamp:
-        _check_unstamped(data, where, vocab_size)
+        _check_unstamped(data, where, vocab_size, field)
         return
     if stamp.get("text_path") and loss not in CROSS_TOKENIZER_LOSSES:
-        raise DatasetError(f"{where}.data={data}: written on the text path (a teacher with another tokenizer: "
+        raise DatasetError(f"{where}.{field}={data}: written on the text path (a teacher with another tokenizer: "
                            f"no per-token teacher log-probs), but {where}.loss.type={loss} needs them; use "
                            f"{' or '.join(CROSS_TOKENIZER_LOSSES)}")
     fp = tokenizer_fingerprint(tok)
     wrote = f"teacher {stamp.get('path')} (tokenizer {stamp.get('tokenizer_fingerprint')}, vocab_size {stamp.get('vocab_size')})"
     if stamp.get("tokenizer_fingerprint") != fp:
-        raise DatasetError(f"{where}.data={data}: generated with {wrote}, but this run's student has tokenizer "
+        raise DatasetError(f"{where}.{field}={data}: generated with {wrote}, but this run's student has tokenizer "
                            f"{fp}, vocab_size {vocab_size}; regenerate it with raykd generate and this run's models")
     if loss in TOKEN_LEVEL_LOSSES and vocab_size is not None and stamp.get("vocab_size") != vocab_size:
-        raise DatasetError(f"{where}.data={data}: generated with {wrote}, but this run's student has vocab_size "
+        raise DatasetError(f"{where}.{field}={data}: generated with {wrote}, but this run's student has vocab_size "
                            f"{vocab_size}; {where}.loss.type={loss} compares distributions over the vocabulary "
                            "and needs equal sizes (use sft, or regenerate with a teacher of equal vocab_size)")
 
 
-def _check_unstamped(data: str, where: str, vocab_size: int | None) -> None:
+def _check_unstamped(data: str, where: str, vocab_size: int | None, field: str = "data") -> None:
     """Datasets written before the teacher stamp: a warning, and the one check their shards allow,
     every token id inside the student's embedding (what the learner would index)."""
     import pyarrow.compute as pc
 
-    print(f"raykd: warning: {where}.data={data}: manifest.json has no teacher stamp (written by an older "
+    print(f"raykd: warning: {where}.{field}={data}: manifest.json has no teacher stamp (written by an older "
           "raykd), so only its token ids are checked against the student; regenerate it to have its "
           "tokenizer checked", file=sys.stderr)
     if vocab_size is None:
@@ -259,9 +259,62 @@ def _check_unstamped(data: str, where: str, vocab_size: int | None) -> None:
             col = pc.list_flatten(col)
         top = pc.max(col).as_py()
         if top is not None and top >= vocab_size:
-            raise DatasetError(f"{where}.data={data}: {name} holds token id {top}, past this run's student's "
+            raise DatasetError(f"{where}.{field}={data}: {name} holds token id {top}, past this run's student's "
                                f"vocab_size {vocab_size}: it was generated with another tokenizer; regenerate "
                                "it with raykd generate and this run's models")
+
+
+# the settings a teacher dataset must share with a run to stand in for its teacher's answers
+ANSWER_SETTINGS = ("priming", "priming_template", "priming_wording", "priming_placement", "score_with")
+
+
+def answers_source(phases, i: int) -> str | None:
+    """The dataset that ``phases[i].teacher_answers`` names: a directory, or for ``offline`` the last
+    offline phase's ``data`` before it (None: the run's own teacher-data)."""
+    name = phases[i].teacher_answers
+    if name != "offline":
+        return name
+    return next(p.data for p in reversed(phases[:i]) if p.kind == "offline")
+
+
+def check_teacher_answers(cfg, data: str, where: str, loss, tok, vocab_size: int | None, teacher_path: str) -> None:
+    """Before any actor starts: ``data`` was written by this run's teacher, from prompts primed as this
+    run primes them, with the top-k its loss reads; else its y_t would answer another question or come
+    from another model than the one that scores y_s."""
+    from kd.objective import loss_needs
+
+    field = "teacher_answers"
+    check_dataset_teacher(data, where, loss.type, tok, vocab_size, field)
+    manifest = json.loads((Path(data).expanduser() / MANIFEST).read_text())
+    made, stamp = manifest.get("identity", {}), manifest.get("teacher_model") or {}
+    if stamp.get("text_path"):
+        raise DatasetError(f"{where}.{field}={data}: written on the text path (re-tokenized for another "
+                           "student); a teacher's answers are reused in the teacher's own tokens only")
+    if made.get("teacher") != cfg.models.teacher and stamp.get("path") != teacher_path:
+        raise DatasetError(f"{where}.{field}={data}: generated by teacher {made.get('teacher')!r}, but this run's "
+                           f"teacher is {cfg.models.teacher!r}, which scores the student's samples against it")
+    ours = _identity(cfg, 0, 0)
+    diff = [k for k in ANSWER_SETTINGS if made.get(k) != ours[k]]
+    if diff:
+        raise DatasetError(f"{where}.{field}={data}: generated with other priming settings ("
+                           + ", ".join(f"priming {k}: {made.get(k)!r}, this run {ours[k]!r}" for k in diff)
+                           + "); regenerate it with this run's priming")
+    needs = loss_needs(loss)
+    if needs["teacher_topk"] and needs["teacher_scores_y_t"] and made.get("top_k_logprobs", 0) < ours["top_k_logprobs"]:
+        raise DatasetError(f"{where}.{field}={data}: holds the teacher's top-{made.get('top_k_logprobs')} log-probs, "
+                           f"but loss.type={loss.type} reads the top-{ours['top_k_logprobs']} "
+                           "(teacher.top_k_logprobs); regenerate it or lower teacher.top_k_logprobs")
+
+
+def load_answers(path: str | Path) -> dict[str, tuple[list[int], dict]]:
+    """A teacher dataset's answers by prompt id, each as (the primed prompt's ids, the answer): the answer
+    is what a teacher needs to use it instead of generating one (``TeacherWorker.make_pairs``); the ids
+    let the caller check that the row answers the very prompt it is used for."""
+    table = read_dataset(path)
+    cols = ("chosen_ids", "chosen_teacher_logps", "chosen_topk_ids", "chosen_topk_logps")
+    data = {c: table.column(c).to_pylist() for c in ("prompt_id", "teacher_prompt_ids", *cols)}
+    return {pid: (data["teacher_prompt_ids"][j], {c: data[c][j] for c in cols})
+            for j, pid in enumerate(data["prompt_id"])}
 
 
 def dataset_fingerprint(path: str | Path) -> str:

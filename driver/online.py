@@ -228,8 +228,13 @@ class Trainer:
         stream = PromptStream(self.prep.requests, self.cfg.run.seed, s.get("epoch", 0), s.get("pos", 0))
         from kd.objective import loss_needs
 
+        answers = None
+        if phase.teacher_answers is not None:
+            from driver.offline import answers_source, load_answers
+
+            answers = load_answers(answers_source(self.phases, self.phase_index) or self.teacher_data)
         return OnlineProducer(self.cfg, self.actors, stream, self.consumed, self.sync, self.recovered,
-                              self.guard, loss_needs(phase.loss))
+                              self.guard, loss_needs(phase.loss), answers)
 
     def run(self) -> dict:
         with GracefulStop() as self.stop:
@@ -289,6 +294,11 @@ class Trainer:
                     self._train_step(producer, phase, bar)
                     if self.stop.requested:  # SIGINT/SIGTERM: checkpoint, then stop cleanly
                         bar.close()
+                        if self.pushed_step != self.step:
+                            # as at the end of a run: the samplers (the summary's probe) and the
+                            # checkpoint's policy version are the weights trained so far; an offline
+                            # phase has pushed none yet
+                            self._push()
                         ckpt = self.save_checkpoint(producer)
                         return self._summary(interrupted_at=str(ckpt))
                     if every and self.step % every == 0:
@@ -397,10 +407,15 @@ class Trainer:
         while metrics is None:
             generation, sampled_at = self.guard.generation, self.version
             batch = actors.buffer.sample.remote(cfg.learner.batch_size, self.version)
+            producer.took(cfg.learner.batch_size)
             train_ref = actors.learners.train_step(batch, phase.loss)
             while True:
                 producer.top_up(self.version)
-                done, _ = ray.wait([train_ref, *producer.pending()], num_returns=1)
+                pending = producer.pending()
+                done, _ = ray.wait([train_ref, *pending], num_returns=1, timeout=None if pending else 1.0)
+                if not done:  # paced and idle while the learner waits: the buffer may have dropped
+                    producer.held(self.guard.call("stats")["unconsumed"])  # stale rows; count again
+                    continue
                 if done[0] != train_ref:
                     self._count(producer.complete(done[0]))
                     continue
@@ -416,6 +431,7 @@ class Trainer:
         if self.step % cfg.sync.every_steps == 0 and phase.kind == "online":
             self._push()
         stats = self.guard.check(self.guard.call("stats"))
+        producer.held(stats["unconsumed"])
         batch_version = metrics.pop("batch_policy_version", None)
         row = {
             "step": self.step, "phase": self.phase_index, "phase_kind": phase.kind,

@@ -202,13 +202,23 @@ def report_skipped(cfg: Config, skipped: int, total: int) -> None:
               f"{cfg.data.max_prompt_tokens} (data.on_overlong={cfg.data.on_overlong})", file=sys.stderr)
 
 
-def check_offline_data(cfg: Config, tok, student: str) -> None:
-    """Every offline phase's dataset was written by a teacher whose vocabulary fits this student."""
-    from driver.offline import check_dataset_teacher
+def check_offline_data(cfg: Config, tok, student: str, teacher: str, text_pools: set[str]) -> None:
+    """Every offline phase's dataset was written by a teacher whose vocabulary fits this student, and
+    every dataset an online phase takes its teacher's answers from by this run's teacher."""
+    from driver.offline import answers_source, check_dataset_teacher, check_teacher_answers
 
-    for i, ph in enumerate(cfg.phases()):
+    phases = cfg.phases()
+    for i, ph in enumerate(phases):
         if ph.kind == "offline" and ph.data is not None:  # none: the run generates it, with its own teacher
             check_dataset_teacher(ph.data, f"schedule[{i}]", ph.loss.type, tok, model_vocab_size(student))
+        if ph.teacher_answers is None:
+            continue
+        if text_pools:
+            raise SetupError(f"schedule[{i}].teacher_answers={ph.teacher_answers}: the teacher has another "
+                             "tokenizer than the student (the text path); its answers are not reused there")
+        source = answers_source(phases, i)
+        if source is not None:  # none: the run's own teacher-data, written with this very config
+            check_teacher_answers(cfg, source, f"schedule[{i}]", ph.loss, tok, model_vocab_size(student), teacher)
 
 
 def prepare(cfg: Config, run_dir: str | None = None, resume: bool = False, overwrite: bool = False) -> Prepared:
@@ -230,7 +240,7 @@ def prepare(cfg: Config, run_dir: str | None = None, resume: bool = False, overw
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(student, **hf_kwargs())
-    check_offline_data(cfg, tok, student)
+    check_offline_data(cfg, tok, student, teacher, text_pools)
     paths, text = teachers or {"default": teacher}, sorted(text_pools)
     teacher_toks = dict(zip(text, _tokenizers(*(paths[n] for n in text))))
     requests, skipped = build_requests(cfg, tok, records, teacher_toks)

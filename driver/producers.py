@@ -62,12 +62,19 @@ class OnlineProducer:
     """
 
     def __init__(self, cfg: Config, actors, stream: PromptStream, consumed: Path, sync=None,
-                 recovered: dict | None = None, guard: BufferGuard | None = None, needs: dict | None = None):
+                 recovered: dict | None = None, guard: BufferGuard | None = None, needs: dict | None = None,
+                 answers: dict | None = None):
         self.cfg, self.actors, self.stream, self.consumed, self.sync = cfg, actors, stream, consumed, sync
         self.guard = guard
         # what the phase's loss reads (kd.objective.loss_needs): no sampler call for a loss that never
         # reads y_s, no teacher generation for one that never reads y_t
         self.needs = needs or {"y_t": True, "y_s": True, "teacher_scores_y_s": True}
+        # the phase's teacher_answers (driver.offline.load_answers): y_t the teacher need not generate
+        self.answers = answers or {}
+        # pacing (sampler.max_steps_ahead): rows the learner has not taken, as last counted by the buffer
+        # (``held``) plus those landed since; with the prompts in flight they stay under ``ahead``
+        self.ahead = cfg.sampler.max_steps_ahead * cfg.learner.batch_size
+        self.untrained = 0
         self.split = cfg.buffer.rows == "object_store"  # rows stay where the teacher put them
         self.in_flight: dict = {}  # add ref -> request (dict: sampler, gen, pair, epoch, reqs, seed)
         self.per_sampler = [0] * len(actors.samplers)
@@ -75,15 +82,36 @@ class OnlineProducer:
         self.taken = 0  # prompts taken since the trainer last counted them
         self.recovered = recovered if recovered is not None else {"sampler": 0, "teacher": 0}
 
+    def held(self, untrained: int) -> None:
+        """The buffer's count of rows no learner has taken (its ``stats()['unconsumed']``)."""
+        self.untrained = untrained
+
+    def took(self, n: int) -> None:
+        """A learner step asked the buffer for ``n`` rows: room for as many new prompts."""
+        self.untrained = max(0, self.untrained - n)
+
+    def _room(self) -> bool:
+        in_flight = sum(len(r["reqs"]) for r in self.in_flight.values())
+        return not self.ahead or self.untrained + in_flight < self.ahead
+
     def top_up(self, version: int) -> None:
         for i in range(len(self.actors.samplers)):
-            while self.per_sampler[i] < self.cfg.sampler.max_in_flight:
+            while self.per_sampler[i] < self.cfg.sampler.max_in_flight and self._room():
                 epoch, reqs = self.stream.take(self.cfg.sampler.prompts_per_request)
                 self.taken += len(reqs)
-                self._send({"sampler": i, "epoch": epoch, "reqs": reqs,
+                self._send({"sampler": i, "epoch": epoch, "reqs": self._with_answers(reqs),
                             "seed": self.cfg.run.seed * 1_000_003 + self.sent})
                 self.per_sampler[i] += 1
                 self.sent += 1
+
+    def _with_answers(self, reqs: list[dict]) -> list[dict]:
+        """Each prompt with its stored teacher answer (``teacher_answer``) when the dataset has one for
+        exactly this primed prompt; the others are left for the teacher to answer."""
+        out = []
+        for r in reqs:
+            primed, answer = self.answers.get(r["prompt_id"], (None, None))
+            out.append({**r, "teacher_answer": answer} if primed == r["teacher_prompt_ids"] else r)
+        return out
 
     def _send(self, req: dict, gen=None, avoid_teacher: int | None = None) -> None:
         if gen is None and self.needs["y_s"]:
@@ -114,6 +142,7 @@ class OnlineProducer:
             self._resend(req, teacher)
             return {}
         self.per_sampler[req["sampler"]] -= 1
+        self.untrained += added
         with open(self.consumed, "a") as f:
             f.write(json.dumps({"epoch": req["epoch"], "prompt_ids": [r["prompt_id"] for r in req["reqs"]]}) + "\n")
         # the buffer takes a request whole or (a re-sent duplicate) not at all
@@ -164,6 +193,12 @@ class OfflineProducer:
         self.epoch, self.pos = epoch, pos
         self.in_flight: dict = {}
         self.taken = 0  # counts prompts of the online stream only
+
+    def held(self, untrained: int) -> None:  # (pacing is the online producers'; slices are bounded below)
+        pass
+
+    def took(self, n: int) -> None:
+        pass
 
     def top_up(self, version: int) -> None:
         while len(self.in_flight) < 2:

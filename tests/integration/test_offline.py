@@ -95,6 +95,12 @@ def test_offline_then_online_schedule(tiny_models, tmp_path):
         "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=6", *HF,
         f"schedule=[{{kind: offline, steps: 3, data: '{ds}', loss: {{type: sft}}, lr: 1.0e-2}}, "
         "{kind: online, steps: 2, loss: {type: dpkd}}]"])
+    # the dataset's answers stand in for the teacher's only for prompts primed as this run primes them
+    primed = gen_config(tiny_models, tmp_path, "priming.strategy=teacher",
+                        f"schedule=[{{kind: online, steps: 1, teacher_answers: '{ds}', loss: {{type: dpkd}}}}]")
+    with pytest.raises(DatasetError, match=r"schedule\[0\].teacher_answers=.*: generated with other priming "
+                                           r"settings \(priming priming: 'none', this run 'teacher'"):
+        prepare(primed, str(tmp_path / "primed"))
     prep = prepare(cfg, str(tmp_path / "run"))
     summary = run_online(cfg, prep, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -124,16 +130,27 @@ def test_offline_phase_without_data_uses_the_runs_own_teacher_data(tiny_models, 
         "teacher.top_k_logprobs=4", "sampler.prompts_per_request=4", "buffer.capacity=32",
         "learner.batch_size=4", "learner.lr=5e-3", "sync.every_steps=2", "ray.num_cpus=6", *HF,
         "eval.before_after=true", "eval.teacher=true", "eval.limit=3", "eval.max_new_tokens=4",
-        "schedule=[{kind: offline, steps: 2, loss: {type: sft}}, {kind: online, steps: 2, loss: {type: dpkd}}]"])
+        "schedule=[{kind: offline, steps: 2, loss: {type: sft}},"
+        " {kind: online, steps: 2, loss: {type: dpkd}, teacher_answers: offline}]"])
     run = tmp_path / "run"
     summary = run_online(cfg, prepare(cfg, str(run)), progress=False)
     data = read_dataset(run / "teacher-data")
     assert data.num_rows == 12 and set(data.column("policy_version").to_pylist()) == {-1}
     assert summary["steps"] == 4
+    # teacher_answers: offline: the teacher answered each prompt once, for the offline data; online it
+    # only scored the student's samples, and the pairs' y_t are the stored answers of their prompts
+    generated = sum(map(len, data.column("chosen_ids").to_pylist()))
+    (teacher,) = summary["teachers"]
+    assert teacher["generated_tokens"] == generated
+    online_prompts = sum(len(json.loads(x)["prompt_ids"]) for x in (run / "consumed.jsonl").read_text().splitlines())
+    assert teacher["reused_answers"] == online_prompts > 0
+    stored = dict(zip(data.column("prompt_id").to_pylist(), data.column("chosen_ids").to_pylist()))
     # one push at the end of the offline phase, one at online step 4: the samplers run version 2
     assert summary["policy_version"] == 2 and summary["sampler_versions"] == [2]
     online_rows = pq.read_table(latest_checkpoint(run) / "buffer.parquet")  # cleared at the phase change
     assert online_rows.num_rows > 0 and min(online_rows.column("policy_version").to_pylist()) >= 1
+    for pid, y_t in zip(online_rows.column("prompt_id").to_pylist(), online_rows.column("chosen_ids").to_pylist()):
+        assert y_t == stored[pid]
     for key in ("eval_before", "eval_after", "eval_teacher"):
         assert set(summary[key]) >= {"exact_match", "rouge_l", "answer_rate"}, key
     assert summary["eval_after"]["rouge_l"] is not None

@@ -56,3 +56,6 @@ def test_offline_then_online_as_the_readme_says(tmp_path, tiny_models):
                 for i in json.loads(line)["prompt_ids"]]
     counts = Counter(consumed)
     assert len(consumed) == summary["prompts_requested"] > 0 and max(counts.values()) - min(counts.values()) <= 1
+    # the online phase's y_t are the generated dataset's answers (teacher_answers: offline): no teacher generation
+    (teacher,) = summary["teachers"]
+    assert teacher["reused_answers"] == len(consumed) and teacher["generated_tokens"] == 0

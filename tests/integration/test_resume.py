@@ -52,6 +52,47 @@ def test_resume_reaches_the_same_step_count_without_reusing_prompts(tiny_models,
     assert second["pairs_by_teacher"] == {"default": second["pairs_added"]} == {"default": sum(epochs.values())}
 
 
+def test_a_run_stopped_in_an_offline_phase_shows_and_resumes_the_weights_it_trained(tiny_models, tmp_path):
+    """Ctrl-C during an offline phase: the checkpoint's weights reach the samplers before the summary's
+    probe (an offline phase pushes none of its own), and the resumed run goes on from them."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    cfg = cfg_for(tiny_models, 8, "checkpoint.every_steps=0", "learner.lr=2e-2",
+                  "schedule=[{kind: offline, steps: 6, loss: {type: sft}}, {kind: online, steps: 2, loss: {type: dpkd}}]")
+    prep = prepare(cfg, str(run))
+
+    def interrupt():  # Ctrl-C once two offline steps are logged
+        log = run / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    stopped = run_online(cfg, prep, progress=False)
+    assert stopped["interrupted_at"] and stopped["steps"] < 6
+    ckpt = latest_checkpoint(run)
+    assert json.loads((ckpt / "driver_state.json").read_text())["version"] == 1
+    assert stopped["policy_version"] == 1 and stopped["sampler_versions"] == [1]
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "hf")
+    ids = torch.tensor([prep.requests[0]["prompt_ids"]])
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=prep.tokenizer.pad_token_id,
+                         eos_token_id=prep.tokenizer.eos_token_id)
+    assert prep.tokenizer.decode(out[0, ids.shape[1]:]).startswith(stopped["probe"]["after"])
+    assert stopped["probe"]["after"] != stopped["probe"]["before"]
+
+    done = run_online(cfg, prepare(cfg, str(run), resume=True), progress=False, resume=True)
+    assert done["steps"] == 8 and done["interrupted_at"] is None
+    assert done["sampler_versions"] == [done["policy_version"]]
+
+
 def test_latest_checkpoint_ignores_a_half_written_one(tmp_path):
     (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
     (tmp_path / "checkpoints" / ".tmp-step-000004").mkdir()

@@ -145,6 +145,34 @@ def test_bad_schedule(tmp_path, phase, expect):
     assert expect in str(e.value)
 
 
+OFF = {"kind": "offline", "steps": 2, "loss": {"type": "sft"}}
+
+
+@pytest.mark.parametrize("schedule, extra, expect", [
+    ([{**OFF, "teacher_answers": "offline"}], {},
+     "schedule[0].teacher_answers='offline': only for online phases"),
+    ([{"kind": "online", "steps": 1, "teacher_answers": "offline", "loss": {"type": "jsd"}}], {},
+     "schedule[0].teacher_answers='offline': loss.type=jsd with these weights never reads the teacher's response"),
+    ([{"kind": "online", "steps": 1, "teacher_answers": "offline", "loss": {"type": "dpkd"}}], {},
+     "schedule[0].teacher_answers='offline': needs an offline phase before this one"),
+    ([OFF, {"kind": "online", "steps": 1, "teacher_answers": "/nope", "loss": {"type": "dpkd"}}], {},
+     "schedule[1].teacher_answers='/nope': must be 'offline' or a dataset directory"),
+    ([OFF, {"kind": "online", "steps": 1, "teacher_answers": "offline", "loss": {"type": "dpkd"}}],
+     {"teachers": [{"name": "a"}, {"name": "b"}], "route": {"weights": {"a": 1, "b": 1}}},
+     "schedule[1].teacher_answers='offline': needs a single teacher"),
+])
+def test_bad_teacher_answers(tmp_path, schedule, extra, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {"schedule": schedule, **extra}))
+    assert expect in str(e.value)
+
+
+def test_teacher_answers_of_the_offline_phase(tmp_path):
+    cfg = load_config(write(tmp_path, {"schedule": [
+        OFF, {"kind": "online", "steps": 1, "teacher_answers": "offline", "loss": {"type": "dpkd"}}]}))
+    assert cfg.schedule[1].teacher_answers == "offline" and cfg.schedule[0].teacher_answers is None
+
+
 def test_phase_lr_with_a_deepspeed_config_is_refused(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text("{}")

@@ -38,7 +38,7 @@ def worker(score_with="primed") -> TeacherWorker:
     w = TeacherWorker.__new__(TeacherWorker)  # the actor class, without building a real engine
     w.index, w.engine, w.top_k, w.score_with = 0, CountingEngine(), 2, score_with
     w.params = SamplingParams(max_new_tokens=3, top_k_logprobs=2)
-    w.pairs, w.busy_s, w.generated_tokens, w.scored_tokens = 0, 0.0, 0, 0
+    w.pairs, w.busy_s, w.generated_tokens, w.scored_tokens, w.reused_answers = 0, 0.0, 0, 0, 0
     return w
 
 
@@ -95,3 +95,35 @@ def test_default_needs_do_everything():
     w.make_pairs(REQUESTS, STUDENT)
     assert w.engine.calls == ["generate", "score"]
     assert w.generated_tokens == 9 and w.scored_tokens == 6
+
+
+STORED = {"chosen_ids": [30, 31], "chosen_teacher_logps": [-0.25, -0.75],
+          "chosen_topk_ids": [[30, 40], [31, 40]], "chosen_topk_logps": [[-0.25, -3.0], [-0.75, -2.0]]}
+
+
+@pytest.mark.parametrize("score_with", ["primed", "plain"])
+def test_a_stored_answer_is_used_as_y_t_and_only_the_others_are_generated(score_with):
+    """schedule[i].teacher_answers: a request that carries the teacher's stored answer gets it as y_t
+    with its stored scores; the engine generates (and, scoring plain, scores) only the others' y_t."""
+    w = worker(score_with)
+    requests = [dict(REQUESTS[0], teacher_answer=STORED), REQUESTS[1], dict(REQUESTS[2], teacher_answer=STORED)]
+    table = w.make_pairs(requests, STUDENT, loss_needs(LossConfig(type="dpkd")))
+    rows = table.to_pylist()
+    for j in (0, 2):  # the stored answer, exactly as stored
+        assert rows[j]["chosen_ids"] == [30, 31] and rows[j]["chosen_teacher_logps"] == [-0.25, -0.75]
+        assert rows[j]["chosen_topk_ids"] == [[30, 40], [31, 40]]
+        assert rows[j]["chosen_topk_logps"] == [[-0.25, -3.0], [-0.75, -2.0]]
+    assert rows[1]["chosen_ids"] == [11, 12, 13]  # CountingEngine's answer
+    expected = [-1.0, -1.5, -0.5] if score_with == "primed" else [-2.0] * 3  # sampled, or scored plain
+    assert rows[1]["chosen_teacher_logps"] == expected
+    assert all(r["rejected_teacher_logps"] == [-2.0, -2.0] for r in rows)  # y_s scored for every row
+    assert w.engine.calls == ["generate", "score"]
+    assert w.generated_tokens == 3 and w.reused_answers == 2
+    assert w.scored_tokens == 3 * 2 + (0 if score_with == "primed" else 3)
+
+
+def test_no_generation_when_every_answer_is_stored():
+    w = worker()
+    requests = [dict(r, teacher_answer=STORED) for r in REQUESTS]
+    w.make_pairs(requests, STUDENT, loss_needs(LossConfig(type="dpkd")))
+    assert w.engine.calls == ["score"] and w.generated_tokens == 0 and w.reused_answers == 3
