@@ -30,11 +30,14 @@ def test_quality_benchmark_runs_the_grid_at_a_tiny_size(tmp_path):
         assert r["run_s"] >= 0 and r["score_s"] > 0  # where the grid's time goes: each run's own clock
         if name != "initial":
             assert r["run_s"] > r["loop_s"] > 0  # the run's clock holds its loop and the actors' start
-            # wall s charges the shared teacher dataset to the offline method that reads it, loop s does not
-            assert (r["wall_s"] > r["loop_s"]) == (name == "seqkd")
-    # the teacher work each loss needs: GKD's jsd only scores the student's samples, DPKD also generates y_t
+            # wall s charges the shared teacher dataset to the methods that read it (SeqKD offline, DPKD its
+            # y_t through teacher_answers), loop s does not
+            assert (r["wall_s"] > r["loop_s"]) == (name in ("seqkd", "dpkd"))
+    # the teacher work each loss needs: GKD's jsd only scores the student's samples; DPKD's y_t are the
+    # dataset's answers, so its teacher generated exactly the dataset's tokens and scored y_s online
     assert runs["gkd_jsd"]["teacher_generated_tokens"] == 0 < runs["gkd_jsd"]["teacher_tokens"]
-    assert runs["dpkd"]["teacher_generated_tokens"] > 0
+    assert runs["dpkd"]["teacher_generated_tokens"] == runs["seqkd"]["teacher_generated_tokens"] > 0
+    assert runs["dpkd"]["teacher_tokens"] > runs["dpkd"]["teacher_generated_tokens"]
     assert runs["seqkd"]["teacher_tokens"] > 0  # the shared teacher dataset is charged to it
     table = out.read_text()
     assert all(f"| {m} | 1 |" in table for m in runs) and "| teacher (reference) |" in table
