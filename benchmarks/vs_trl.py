@@ -282,6 +282,8 @@ def run_tool(tool: str, i: int, args, job: dict, models: dict, prompts: list, wo
     else:
         cmd = [sys.executable, "-m", "driver.cli", "train", models["config"], "--run-dir", str(out), "--no-progress",
                "--set", f"run.seed={args.seed + i}"]
+        for kv in args.raykd_set:  # raykd's side of a variant (reported with the result)
+            cmd += ["--set", kv]
         measured = run_measured(cmd, work / f"{tool}-{i}.log", env)
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         times = [r["elapsed_s"] for r in rows]
@@ -300,7 +302,8 @@ def mean(xs):
 def report(runs: list[dict], args, initial: dict) -> dict:
     speed = {t: mean([r["steady_samples_per_s"] for r in runs if r["tool"] == t]) for t in TOOLS}
     result = {"setting": {"steps": args.steps, "skip_steps": args.skip_steps, "tiny": args.tiny,
-                          "data": args.data or "synthetic_math", "heldout": args.heldout},
+                          "data": args.data or "synthetic_math", "heldout": args.heldout,
+                          "tools": list(args.tools), "raykd_set": list(args.raykd_set)},
               "runs": runs, "mean_samples_per_s": speed, "ratio_raykd_over_trl": speed["raykd"] / speed["trl"],
               "mean_kl_teacher_student": {t: mean([r["kl_teacher_student"] for r in runs if r["tool"] == t])
                                           for t in TOOLS},
@@ -338,6 +341,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/vs_trl", help="scratch directory (runs, logs, final students)")
     ap.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     ap.add_argument("--tiny", action="store_true", help="random tiny models, 4 steps, 1 run each (its test)")
+    ap.add_argument("--tools", default=",".join(TOOLS),
+                    help="which tools to run, comma-separated (default trl,raykd; one alone gives no ratio)")
+    ap.add_argument("--raykd-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for raykd's runs (repeatable), as 'raykd train --set'")
     ap.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -355,6 +362,9 @@ def main(argv=None) -> int:
     args.runs, args.steps, args.skip_steps, args.trl_threads = (d if v is None else v for v, d in zip(given, defaults))
     if args.tiny:
         args.heldout, args.heldout_tokens = 4, 16
+    args.tools = tuple(t.strip() for t in args.tools.split(",") if t.strip())
+    if not args.tools or set(args.tools) - set(TOOLS):
+        raise SystemExit(f"vs_trl: --tools {','.join(args.tools) or repr('')}: choose from {','.join(TOOLS)}")
     if args.runs < 1 or args.steps < 2 or not 1 <= args.skip_steps < args.steps or args.trl_threads < 0:
         raise SystemExit("vs_trl: need --runs >= 1, --steps >= 2, 1 <= --skip-steps < --steps, --trl-threads >= 0")
     work.mkdir(parents=True, exist_ok=True)
@@ -362,7 +372,7 @@ def main(argv=None) -> int:
     job, models, prompts, heldout = prepare_job(args, work)
     runs = []
     for i in range(args.runs):
-        for tool in TOOLS:
+        for tool in (t for t in TOOLS if t in args.tools):
             print(f"vs_trl: {tool} run {i + 1}/{args.runs} ...", file=sys.stderr, flush=True)
             runs.append(run_tool(tool, i, args, job, models, prompts, work))
     from driver.evaluate import TeacherReference
