@@ -230,21 +230,17 @@ class VLLMEngine(Engine):
                     stop_token_ids=[] if self.eos_id is None else [self.eos_id],
                     allowed_token_ids=self._allowed_ids,
                     detokenize=False,
+                    flat_logprobs=True,
                 )
             )
         outs = self.llm.generate(self._prompts(prompts), requests, use_tqdm=False)
-        k = params.top_k_logprobs
         gens = []
         for out in outs:
             c = out.outputs[0]
             toks = list(c.token_ids)
-            lps = [c.logprobs[j][t].logprob for j, t in enumerate(toks)]
-            reason = "stop" if c.finish_reason == "stop" else "length"
-            g = Generation(toks, lps, reason, self.version)
-            if k > 0:  # each position holds the top-k plus the sampled token (k or k+1 entries)
-                best = [_top(c.logprobs[j], k) for j in range(len(toks))]
-                g.topk_ids = [[tid for tid, _ in b] for b in best]
-                g.topk_logprobs = [[lp for _, lp in b] for b in best]
+            lps, ids, vals = _read_logprobs(c.logprobs, 0, toks, params.top_k_logprobs)
+            g = Generation(toks, lps, "stop" if c.finish_reason == "stop" else "length", self.version)
+            g.topk_ids, g.topk_logprobs = ids, vals
             gens.append(g)
         return gens
 
@@ -281,26 +277,17 @@ class VLLMEngine(Engine):
             self._check_lengths(seqs, "prompt+continuation")
             # the one token this samples is discarded; greedy avoids drawing random numbers
             req = self._sampling_params_cls(
-                max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False
+                max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False,
+                flat_logprobs=True,
             )
             outs = self.llm.generate(self._prompts(seqs), req, use_tqdm=False)
             for i, out in zip(todo, outs):
-                results[i] = self._extract(
-                    out.prompt_logprobs, len(prompts[i]), continuations[i], top_k
+                # prompt_logprobs[j] is the distribution that predicted token j (entry 0 is None)
+                results[i] = Scores(
+                    *_read_logprobs(out.prompt_logprobs, len(prompts[i]), continuations[i], top_k),
+                    self.version,
                 )
         return results  # type: ignore[return-value]
-
-    def _extract(self, prompt_logprobs, start: int, cont: list[int], top_k: int) -> Scores:
-        # prompt_logprobs[j] is the distribution that predicted token j (entry 0 is None)
-        tok_lp, ids, vals = [], [], []
-        for j, t in enumerate(cont):
-            entries = prompt_logprobs[start + j]
-            tok_lp.append(entries[t].logprob)
-            if top_k > 0:
-                best = _top(entries, top_k)
-                ids.append([tid for tid, _ in best])
-                vals.append([lp for _, lp in best])
-        return Scores(tok_lp, ids, vals, self.version)
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -325,6 +312,34 @@ class VLLMEngine(Engine):
         self.llm.collective_rpc(_reload_weights, args=(items,))
         self.llm.reset_prefix_cache()
         self.version = version
+
+
+def _read_logprobs(positions, first: int, tokens: list[int], k: int) -> tuple[list, list, list]:
+    """(log-prob of each token, top-k ids, top-k log-probs) at ``positions[first + j]`` for the j-th
+    token, from vLLM's per-position log-probs: the flat form (``flat_logprobs=True``: per position
+    the given token's entry, then the top-k in descending order, as vLLM's sampler writes them, in flat
+    lists, so a large top-k makes no Python object per entry) or, from a vLLM without it, a dict per
+    position holding the token and the top-k (k or k+1 entries). Empty top-k lists when k == 0."""
+    lps, ids, vals = [], [], []
+    if hasattr(positions, "start_indices"):
+        for j, t in enumerate(tokens):
+            s = positions.start_indices[first + j]
+            if positions.token_ids[s] != t:  # the layout relied on changed: fail loudly
+                raise RuntimeError(f"vLLM logprobs: position {first + j} starts with token "
+                                   f"{positions.token_ids[s]}, not the given token {t}")
+            lps.append(positions.logprobs[s])
+            if k > 0:
+                ids.append(positions.token_ids[s + 1:s + 1 + k])
+                vals.append(positions.logprobs[s + 1:s + 1 + k])
+        return lps, ids, vals
+    for j, t in enumerate(tokens):
+        entries = positions[first + j]
+        lps.append(entries[t].logprob)
+        if k > 0:
+            best = _top(entries, k)
+            ids.append([tid for tid, _ in best])
+            vals.append([lp for _, lp in best])
+    return lps, ids, vals
 
 
 def _top(entries: dict, k: int) -> list[tuple[int, float]]:
