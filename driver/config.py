@@ -141,8 +141,10 @@ class SamplerConfig:
     # the producers take no new prompts while the buffer's untrained rows plus the prompts in flight
     # cover this many learner steps (learner.batch_size rows each): they stay about one batch ahead of
     # the learner instead of filling the buffer with rows that go stale, and leave it the machine's CPU
-    # (0: no bound but buffer.capacity)
-    max_steps_ahead: int = 2
+    # (0: no bound but buffer.capacity). auto: 1 + ceil(request latency / learner step), measured as
+    # the run goes (Little's law: enough prompts in flight to cover the learner while a request is
+    # answered), at least 2 and at most buffer.max_policy_lag x sync.every_steps (docs/scaling.md)
+    max_steps_ahead: int | Literal["auto"] = "auto"
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -464,8 +466,10 @@ def validate(cfg: Config) -> Config:
     _check(cfg.learner.batch_size <= cfg.buffer.capacity, "learner.batch_size",
            cfg.learner.batch_size, f"must be <= buffer.capacity ({cfg.buffer.capacity})")
     ahead = cfg.sampler.max_steps_ahead
-    _check(ahead >= 0, "sampler.max_steps_ahead", ahead, "must be >= 0 (0: no bound but buffer.capacity)")
-    _check(ahead == 0 or ahead * cfg.learner.batch_size >= cfg.buffer.min_size_to_train, "sampler.max_steps_ahead",
+    _check(ahead == "auto" or ahead >= 0, "sampler.max_steps_ahead", ahead,
+           "must be >= 0 (0: no bound but buffer.capacity) or 'auto'")
+    _check(ahead in ("auto", 0) or ahead * cfg.learner.batch_size >= cfg.buffer.min_size_to_train,
+           "sampler.max_steps_ahead",
            ahead, f"x learner.batch_size ({cfg.learner.batch_size}) must reach buffer.min_size_to_train "
            f"({cfg.buffer.min_size_to_train}), or the learner waits for rows the producers never make")
     _check(cfg.learner.batch_size % cfg.learner.num_learners == 0, "learner.batch_size",

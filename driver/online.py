@@ -426,6 +426,7 @@ class Trainer:
                         raise LearnerDied(train_ref) from None  # the caller restarts the group
                     self.guard.lost(generation)  # the batch's buffer died; then take the step again
                 break
+        producer.stepped(metrics.get("train_step_s"))
         self.step += 1
         self.phase_step += 1
         if self.step % cfg.sync.every_steps == 0 and phase.kind == "online":
@@ -438,6 +439,7 @@ class Trainer:
             "policy_version": self.version, **metrics,
             "policy_lag": sampled_at - batch_version if batch_version is not None and phase.kind == "online" else 0.0,
             "buffer_size": stats["size"], "buffer_dropped_stale": stats["dropped_stale"],
+            **({"steps_ahead": producer.pace.steps} if isinstance(producer, OnlineProducer) else {}),
             "pairs_added": self.pairs_added, "samples_per_s": self.pairs_added / max(self._elapsed(), 1e-9),
             "step_time_s": time.perf_counter() - started, "weight_sync_s": self.sync_seconds,
             "elapsed_s": self._elapsed(),

@@ -4,7 +4,11 @@ offline one (slices of a generated dataset -> buffer), plus the prompt stream th
 from __future__ import annotations
 
 import json
+import math
 import random
+import statistics
+import time
+from collections import deque
 from pathlib import Path
 
 import ray
@@ -52,6 +56,44 @@ class PromptStream:
         return {"epoch": self.epoch, "pos": self.pos}
 
 
+class Pace:
+    """How many learner steps of rows the online producers may hold ahead (``sampler.max_steps_ahead``).
+
+    A number is kept as it is. ``auto`` follows Little's law: while one request is answered (latency
+    L, from the sampler's call to the rows landing in the buffer) the learner takes a batch every S
+    seconds (its own ``train_step_s``), so L / S steps of rows must already be in flight, plus the
+    batch it trains on: ``1 + ceil(L / S)``, from the medians of the last ``window`` of each. It is at
+    least ``FLOOR`` (and enough for buffer.min_size_to_train) and at most buffer.max_policy_lag x
+    sync.every_steps, beyond which the rows would be too old when a step reaches them. Until both are
+    measured it is ``FLOOR``.
+    """
+
+    FLOOR = 2
+
+    def __init__(self, cfg: Config, window: int = 8):
+        value = cfg.sampler.max_steps_ahead
+        self.auto = value == "auto"
+        self.lo = max(self.FLOOR, math.ceil(cfg.buffer.min_size_to_train / cfg.learner.batch_size))
+        self.hi = max(self.lo, cfg.buffer.max_policy_lag * cfg.sync.every_steps)
+        self.steps = self.lo if self.auto else value
+        self.latencies: deque[float] = deque(maxlen=window)
+        self.step_times: deque[float] = deque(maxlen=window)
+
+    def answered(self, latency_s: float) -> None:
+        self.latencies.append(latency_s)
+        self._update()
+
+    def stepped(self, seconds: float | None) -> None:
+        if seconds is not None and seconds > 0:
+            self.step_times.append(seconds)
+            self._update()
+
+    def _update(self) -> None:
+        if self.auto and self.latencies and self.step_times:
+            need = 1 + math.ceil(statistics.median(self.latencies) / statistics.median(self.step_times))
+            self.steps = min(self.hi, max(self.lo, need))
+
+
 class OnlineProducer:
     """Keeps every sampler's request chain full; logs each request's prompts once they are added.
 
@@ -73,7 +115,8 @@ class OnlineProducer:
         self.answers = answers or {}
         # pacing (sampler.max_steps_ahead): rows the learner has not taken, as last counted by the buffer
         # (``held``) plus those landed since; with the prompts in flight they stay under ``ahead``
-        self.ahead = cfg.sampler.max_steps_ahead * cfg.learner.batch_size
+        self.pace = Pace(cfg)
+        self.clock = time.perf_counter  # a request's latency, for the pace
         self.untrained = 0
         self.split = cfg.buffer.rows == "object_store"  # rows stay where the teacher put them
         self.in_flight: dict = {}  # add ref -> request (dict: sampler, gen, pair, epoch, reqs, seed)
@@ -89,6 +132,15 @@ class OnlineProducer:
     def took(self, n: int) -> None:
         """A learner step asked the buffer for ``n`` rows: room for as many new prompts."""
         self.untrained = max(0, self.untrained - n)
+
+    def stepped(self, seconds: float | None) -> None:
+        """A learner step took ``seconds`` of the learner's own time (its ``train_step_s``)."""
+        self.pace.stepped(seconds)
+
+    @property
+    def ahead(self) -> int:
+        """The bound on untrained rows plus prompts in flight (0: none)."""
+        return self.pace.steps * self.cfg.learner.batch_size
 
     def _room(self) -> bool:
         in_flight = sum(len(r["reqs"]) for r in self.in_flight.values())
@@ -114,8 +166,11 @@ class OnlineProducer:
         return out
 
     def _send(self, req: dict, gen=None, avoid_teacher: int | None = None) -> None:
+        req["sent_at"] = self.clock()
         if gen is None and self.needs["y_s"]:
-            gen = self.actors.samplers[req["sampler"]].generate.remote(req["reqs"], seed=req["seed"])
+            # the sampler reads the prompt; a stored teacher answer is the teacher pool's alone
+            sampler_reqs = [{k: v for k, v in r.items() if k != "teacher_answer"} for r in req["reqs"]]
+            gen = self.actors.samplers[req["sampler"]].generate.remote(sampler_reqs, seed=req["seed"])
         pair = self.actors.teachers.submit(req["reqs"], gen, avoid=avoid_teacher, needs=self.needs, split=self.split)
         self._add(req, gen, pair)
 
@@ -143,6 +198,7 @@ class OnlineProducer:
             return {}
         self.per_sampler[req["sampler"]] -= 1
         self.untrained += added
+        self.pace.answered(self.clock() - req["sent_at"])
         with open(self.consumed, "a") as f:
             f.write(json.dumps({"epoch": req["epoch"], "prompt_ids": [r["prompt_id"] for r in req["reqs"]]}) + "\n")
         # the buffer takes a request whole or (a re-sent duplicate) not at all
@@ -198,6 +254,9 @@ class OfflineProducer:
         pass
 
     def took(self, n: int) -> None:
+        pass
+
+    def stepped(self, seconds: float | None) -> None:
         pass
 
     def top_up(self, version: int) -> None:
