@@ -152,6 +152,9 @@ class VLLMEngine(Engine):
             **engine_kwargs,
         )
         self._sampling_params_cls = vllm.SamplingParams
+        # vLLM's flat log-probs where this vLLM has them (_read_logprobs reads both forms)
+        self._flat = ({"flat_logprobs": True}
+                      if "flat_logprobs" in getattr(vllm.SamplingParams, "__struct_fields__", ()) else {})
         self._tokens_prompt_cls = TokensPrompt
         tok = self.llm.get_tokenizer()
         self.eos_id = tok.eos_token_id
@@ -230,7 +233,7 @@ class VLLMEngine(Engine):
                     stop_token_ids=[] if self.eos_id is None else [self.eos_id],
                     allowed_token_ids=self._allowed_ids,
                     detokenize=False,
-                    flat_logprobs=True,
+                    **self._flat,
                 )
             )
         outs = self.llm.generate(self._prompts(prompts), requests, use_tqdm=False)
@@ -278,7 +281,7 @@ class VLLMEngine(Engine):
             # the one token this samples is discarded; greedy avoids drawing random numbers
             req = self._sampling_params_cls(
                 max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False,
-                flat_logprobs=True,
+                **self._flat,
             )
             outs = self.llm.generate(self._prompts(seqs), req, use_tqdm=False)
             for i, out in zip(todo, outs):
