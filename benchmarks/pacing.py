@@ -1,6 +1,7 @@
 """The producers' pacing (``sampler.max_steps_ahead``) side by side on the quickstart's online phase.
 
     python benchmarks/pacing.py                          # modes 2 and auto, one run each, 12 steps
+    python benchmarks/pacing.py --set teacher.engine.backend=simulated --set sampler.engine.backend=simulated
     python benchmarks/pacing.py --modes 0,2,3,auto --runs 2
     python benchmarks/pacing.py --tiny                   # random tiny models, 4 steps (its test)
 
@@ -13,6 +14,10 @@ driver), the producers' bound at the end (``steps_ahead``), the pairs made per p
 dropped as stale and the mean policy lag of the trained rows, and the wall time of the whole run. Then
 each mode's mean steps/s over the first mode's. The last stdout line is one JSON object with every
 number.
+
+``--set`` overrides every run's config. With simulated teacher and sampler engines (no model: outputs
+of the right shapes after a configured delay, docs/scaling.md) the producers take no CPU from the
+learner, as on a cluster where they have their own devices; the second command above measures that.
 """
 
 from __future__ import annotations
@@ -97,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="online steps per run; default 12 (--tiny: 4)")
     ap.add_argument("--skip-steps", type=int, default=None, help="steps left out of the steady state; "
                     "default 2 (--tiny: 1)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="a config override for every run (repeatable), as 'raykd train --set' "
+                    "(e.g. simulated engines: teacher.engine.backend=simulated)")
     ap.add_argument("--work", default="runs/pacing", help="scratch directory (runs and logs)")
     ap.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     ap.add_argument("--tiny", action="store_true", help="random tiny models and HF engines, 4 steps (its test)")
@@ -121,9 +129,13 @@ def main(argv=None) -> int:
     cfg = job_config(args.steps, tiny)
     cfg_file = work / "job.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    for m in modes:  # a bad mode is refused here, before any run, with the config's own message
+    try:  # a bad override or mode is refused here, before any run, with the config's own message
+        load_config(str(cfg_file), args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"pacing: --set: {e}") from None
+    for m in modes:
         try:
-            load_config(str(cfg_file), [f"sampler.max_steps_ahead={m}"])
+            load_config(str(cfg_file), [*args.overrides, f"sampler.max_steps_ahead={m}"])
         except ConfigError as e:
             raise SystemExit(f"pacing: --modes {m}: {e}") from None
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS="", TOKENIZERS_PARALLELISM="false")
@@ -135,10 +147,13 @@ def main(argv=None) -> int:
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "driver.cli", "train", str(cfg_file), "--run-dir", str(out),
                    "--no-progress", "--set", f"sampler.max_steps_ahead={m}", "--set", f"run.seed={i}"]
+            for kv in args.overrides:
+                cmd += ["--set", kv]
             measured = run_measured(cmd, work / f"ahead-{m}-{i}.log", env)
             runs.append({"mode": m, "run": i, **measure(out, args.skip_steps, cfg["learner"]["batch_size"]),
                          "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]})
-    result = {"setting": {"steps": args.steps, "skip_steps": args.skip_steps, "tiny": args.tiny, "modes": modes},
+    result = {"setting": {"steps": args.steps, "skip_steps": args.skip_steps, "tiny": args.tiny, "modes": modes,
+                          "overrides": args.overrides},
               **report(runs, modes)}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))

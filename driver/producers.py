@@ -65,7 +65,9 @@ class Pace:
     batch it trains on: ``1 + ceil(L / S)``, from the medians of the last ``window`` of each. It is at
     least ``FLOOR`` (and enough for buffer.min_size_to_train) and at most buffer.max_policy_lag x
     sync.every_steps, beyond which the rows would be too old when a step reaches them. Until both are
-    measured it is ``FLOOR``.
+    measured it is ``FLOOR``. The law holds when the producers' latency does not grow with the work in
+    flight: producers on their own devices. On cores shared with the learner the extra requests slow
+    the learner's own step instead (benchmarks/pacing.py), which is why a number, 2, is the default.
     """
 
     FLOOR = 2

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,11 +20,14 @@ def run_benchmark(tmp_path, *extra):
 
 
 def test_pacing_benchmark_runs_each_mode_and_reports_the_ratio(tmp_path):
-    done = run_benchmark(tmp_path, "--modes", "2,auto")
+    done = run_benchmark(tmp_path, "--modes", "2,auto", "--set", "sampler.max_in_flight=3")
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert [r["mode"] for r in result["runs"]] == ["2", "auto"]
     for r in result["runs"]:
+        written = yaml.safe_load((tmp_path / "work" / f"ahead-{r['mode']}-0" / "config.yaml").read_text())
+        assert written["sampler"]["max_steps_ahead"] == (2 if r["mode"] == "2" else "auto")
+        assert written["sampler"]["max_in_flight"] == 3  # --set reached every run
         rows = [json.loads(ln) for ln in (tmp_path / "work" / f"ahead-{r['mode']}-0" / "metrics.jsonl")
                 .read_text().splitlines()]
         assert len(rows) == r["steps"] == 4
@@ -41,8 +45,11 @@ def test_pacing_benchmark_runs_each_mode_and_reports_the_ratio(tmp_path):
     assert "max_steps_ahead" in done.stdout
 
 
-def test_pacing_benchmark_refuses_a_bad_mode_before_any_run(tmp_path):
+def test_pacing_benchmark_refuses_a_bad_mode_or_override_before_any_run(tmp_path):
     done = run_benchmark(tmp_path, "--modes", "2,soon")
     assert done.returncode != 0
     assert "--modes soon: sampler.max_steps_ahead='soon'" in done.stderr
+    done = run_benchmark(tmp_path, "--set", "sampler.max_in_flight=0")
+    assert done.returncode != 0
+    assert "--set: sampler.max_in_flight=0: must be a positive integer" in done.stderr
     assert not list((tmp_path / "work").glob("ahead-*"))
