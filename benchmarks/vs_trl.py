@@ -9,7 +9,8 @@ student its 5-layer truncation (layers 0, 7, 14, 21, 29), on-policy generalised 
 student's own samples (TRL ``GKDConfig(lmbda=1, beta=0.5)``; raykd ``loss: {type: jsd, jsd_beta: 0.5,
 student_ratio: 1, sft_coef: 0}``), samples of at most 64 new tokens at temperature 1, 4 prompts per step,
 AdamW at a constant learning rate of 1e-5, gradient clipping 1. raykd also runs with
-``sampler.prompts_per_request=4``, ``sampler.max_in_flight=2``, ``sync.every_steps=2`` and the teacher's
+``sampler.prompts_per_request=4``, ``sampler.max_in_flight=2``, ``sampler.max_steps_ahead=auto`` (it
+kept 3 steps ahead here), ``sync.every_steps=2`` and the teacher's
 top-1024 log-probs (its divergence is on the whole vocabulary, the teacher's mass outside those 1024
 spread evenly over the other ids: ``loss.topk_tail: uniform``, the default; TRL's on the full logits; on
 the student's samples the top-1024 held about 0.78 of the teacher's mass, the top-16 0.30, and at
@@ -69,7 +70,7 @@ def raykd_config(job: dict, models: dict, steps: int, seed: int, data: str, tiny
         "data": {"source": data, "num_prompts": job["num_prompts"], "max_prompt_tokens": job["max_prompt_tokens"]},
         "teacher": {"top_k_logprobs": job["top_k_logprobs"], "max_new_tokens": job["max_new_tokens"]},
         "sampler": {"prompts_per_request": 4, "max_in_flight": 2, "max_new_tokens": job["max_new_tokens"],
-                    "temperature": job["temperature"]},
+                    "temperature": job["temperature"], "max_steps_ahead": "auto"},
         "buffer": {"min_size_to_train": job["batch_size"]},
         "learner": {"batch_size": job["batch_size"], "lr": job["lr"], "warmup_steps": 0, "grad_clip": 1.0},
         "loss": {"type": "jsd", "jsd_beta": job["beta"], "student_ratio": 1.0, "sft_coef": 0.0, "kd_coef": 1.0},
