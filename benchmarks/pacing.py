@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
-from vs_trl import mean, run_measured  # noqa: E402
+from vs_trl import mean, print_table, run_measured  # noqa: E402
 
 
 def job_config(steps: int, tiny: dict | None) -> dict:
@@ -80,14 +80,10 @@ def measure(run_dir: Path, skip: int, batch_size: int) -> dict:
 
 def report(runs: list[dict], modes: list[str]) -> dict:
     speed = {m: mean([r["steady_steps_per_s"] for r in runs if r["mode"] == m]) for m in modes}
-    head = (f"{'max_steps_ahead':>15} {'run':>3} {'steps/s':>8} {'learner busy':>12} {'ahead at end':>12} "
-            f"{'pairs/trained':>13} {'stale':>5} {'lag':>5} {'wall s':>7}")
-    print(head)
-    print("-" * len(head))
-    for r in runs:
-        print(f"{r['mode']:>15} {r['run']:>3} {r['steady_steps_per_s']:>8.4f} {r['learner_busy']:>12.2f} "
-              f"{str(r['steps_ahead_last']):>12} {r['pairs_per_trained']:>13.2f} {r['dropped_stale']:>5} "
-              f"{r['mean_policy_lag']:>5.2f} {r['wall_s']:>7.1f}")
+    print_table([("max_steps_ahead", "mode", ">15"), ("run", "run", ">3"), ("steps/s", "steady_steps_per_s", ">8.4f"),
+                 ("learner busy", "learner_busy", ">12.2f"), ("ahead at end", "steps_ahead_last", ">12"),
+                 ("pairs/trained", "pairs_per_trained", ">13.2f"), ("stale", "dropped_stale", ">5"),
+                 ("lag", "mean_policy_lag", ">5.2f"), ("wall s", "wall_s", ">7.1f")], runs)
     base = modes[0]
     ratios = {m: speed[m] / speed[base] for m in modes}
     print("mean steady steps/s: " + ", ".join(f"{m} {speed[m]:.4f} ({ratios[m]:.2f}x of {base})" for m in modes))

@@ -298,6 +298,20 @@ def run_tool(tool: str, i: int, args, job: dict, models: dict, prompts: list, wo
             **measured, "final_model": str(final)}
 
 
+def print_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
+    """``rows`` under a header and a rule; a column is (header, row key, format spec such as '>10.3f'),
+    the header taking the spec's alignment and width."""
+    def width(spec: str) -> str:
+        return "".join(c for c in spec.split(".")[0] if c.isdigit() or c in "<>^")
+
+    head = " ".join(f"{h:{width(spec)}}" for h, _, spec in columns)
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(" ".join(format(r[key], spec) if r[key] is not None else format("-", width(spec))
+                       for _, key, spec in columns))
+
+
 def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -312,14 +326,10 @@ def report(runs: list[dict], args, initial: dict) -> dict:
                                           for t in TOOLS},
               "initial_kl_teacher_student": initial["kl_teacher_student"],
               "initial_kl_student_teacher": initial["kl_student_teacher"]}
-    head = f"{'tool':<6} {'run':>3} {'samples/s':>10} {'wall s':>8} {'peak RSS MB':>12} {'peak PSS MB':>12} " \
-           f"{'KL(t||s)':>9} {'KL(s||t)':>9}"
-    print(head)
-    print("-" * len(head))
-    for r in runs:
-        print(f"{r['tool']:<6} {r['run']:>3} {r['steady_samples_per_s']:>10.3f} {r['wall_s']:>8.1f} "
-              f"{r['peak_rss_mb']:>12.0f} {r['peak_pss_mb']:>12.0f} {r['kl_teacher_student']:>9.4f} "
-              f"{r['kl_student_teacher']:>9.4f}")
+    print_table([("tool", "tool", "<6"), ("run", "run", ">3"), ("samples/s", "steady_samples_per_s", ">10.3f"),
+                 ("wall s", "wall_s", ">8.1f"), ("peak RSS MB", "peak_rss_mb", ">12.0f"),
+                 ("peak PSS MB", "peak_pss_mb", ">12.0f"), ("KL(t||s)", "kl_teacher_student", ">9.4f"),
+                 ("KL(s||t)", "kl_student_teacher", ">9.4f")], runs)
     print(f"the student before training: KL(t||s) {initial['kl_teacher_student']:.4f}, "
           f"KL(s||t) {initial['kl_student_teacher']:.4f}")
     print(f"mean steady-state samples/s: TRL {speed['trl']:.3f}, raykd {speed['raykd']:.3f}; "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("trl")  # the `bench` extra
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_vs_trl_benchmark_runs_both_tools_at_a_tiny_size(tmp_path):
     out = tmp_path / "result.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--tiny", "--work", str(tmp_path / "work"),
-           "--json-out", str(out)]
+           "--json-out", str(out), "--raykd-set", "sampler.max_in_flight=1"]
     env = dict(os.environ, RAY_ADDRESS="")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
@@ -46,3 +47,16 @@ def test_vs_trl_benchmark_runs_both_tools_at_a_tiny_size(tmp_path):
     # the raykd run trained the job's loss on the student's samples only
     assert all("jsd_loss" in r and r["student_rows"] == 1.0 for r in rows)
     assert "raykd/TRL" in done.stdout
+    # --raykd-set reached raykd's run (and is recorded with the result)
+    written = yaml.safe_load((tmp_path / "work" / "raykd-0" / "config.yaml").read_text())
+    assert written["sampler"]["max_in_flight"] == 1
+    assert result["setting"]["raykd_set"] == ["sampler.max_in_flight=1"]
+
+
+def test_vs_trl_benchmark_refuses_an_unknown_tool(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--tiny", "--work", str(tmp_path / "work"),
+           "--tools", "raykd,openrlhf"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "--tools raykd,openrlhf: choose from trl,raykd" in done.stderr
+    assert not (tmp_path / "work").exists()
