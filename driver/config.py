@@ -144,9 +144,9 @@ class SamplerConfig:
     # (0: no bound but buffer.capacity). auto: 1 + ceil(request latency / learner step), measured as
     # the run goes (Little's law: enough prompts in flight to cover the learner while a request is
     # answered), at least 2 and at most buffer.max_policy_lag x sync.every_steps: for producers on
-    # their own devices. Where they share the learner's CPU cores it made the quickstart's online phase
-    # slower (0.83x here: the extra work in flight slowed the learner's own step), so 2 is the default
-    # (docs/benchmarks.md, benchmarks/pacing.py)
+    # their own devices (1.37x of 2 with simulated producers). Where they share the learner's CPU
+    # cores it made the quickstart's online phase slower (0.83x here: the extra work in flight slowed
+    # the learner's own step), so 2 is the default (docs/benchmarks.md, benchmarks/pacing.py)
     max_steps_ahead: int | Literal["auto"] = 2
     engine: EngineConfig = field(default_factory=EngineConfig)
 
