@@ -7,7 +7,7 @@
 
 The job is the online DPKD phase of ``configs/quickstart.yaml`` on its own (teacher SmolLM2-135M-Instruct,
 the 8-layer student untrained, 8 prompts per request, batch 8, DPKD beta 0.1 at lr 3e-4, weights pushed
-every 2 steps), run through raykd's CLI once per mode, modes alternated run by run. Per run it reports
+every 2 steps; with no offline phase before it the teacher generates y_t itself), run through raykd's CLI once per mode, modes alternated run by run. Per run it reports
 the steady-state steps/s (from the end of step ``--skip-steps`` to the last step), the share of that
 time the learner was stepping (its own ``train_step_s``; the rest it waited for rows or for the
 driver), the producers' bound at the end (``steps_ahead``), the pairs made per pair trained, the rows
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
-from vs_trl import mean, print_table, run_measured  # noqa: E402
+from vs_trl import mean, print_table, run_measured, steady_samples_per_s  # noqa: E402
 
 
 def job_config(steps: int, tiny: dict | None) -> dict:
@@ -43,6 +43,8 @@ def job_config(steps: int, tiny: dict | None) -> dict:
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     online = [p for p in cfg["schedule"] if p["kind"] == "online"][0]
     cfg["run"]["name"] = "pacing"
+    # alone, the phase has no offline answers to reuse: the teacher generates y_t (as when measured)
+    online.pop("teacher_answers", None)
     cfg["schedule"] = [{**online, "steps": steps}]
     cfg["eval"] = {"before_after": False, "teacher": False}
     cfg["checkpoint"] = {"export_hf": False}
@@ -59,16 +61,13 @@ def measure(run_dir: Path, skip: int, batch_size: int) -> dict:
     """The run's numbers from its metrics.jsonl and summary.json."""
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     summary = json.loads((run_dir / "summary.json").read_text())
-    skip = min(skip, len(rows) - 1)
-    if skip < 1:
-        raise SystemExit(f"pacing: {run_dir}: {len(rows)} steps, need at least 2 to measure a steady state")
-    span = rows[-1]["elapsed_s"] - rows[skip - 1]["elapsed_s"]
-    steady = rows[skip:]
+    steps_per_s = steady_samples_per_s([r["elapsed_s"] for r in rows], 1, skip)  # one "sample" a step
+    steady = rows[min(skip, len(rows) - 1):]
     trained = len(rows) * batch_size
     return {
         "steps": len(rows),
-        "steady_steps_per_s": len(steady) / span,
-        "learner_busy": sum(r["train_step_s"] for r in steady) / span,
+        "steady_steps_per_s": steps_per_s,
+        "learner_busy": sum(r["train_step_s"] for r in steady) * steps_per_s / len(steady),
         "mean_train_step_s": mean([r["train_step_s"] for r in steady]),
         "steps_ahead_last": rows[-1].get("steps_ahead"),
         "pairs_added": summary["pairs_added"],
