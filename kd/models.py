@@ -86,6 +86,20 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def release_freed_memory() -> None:
+    """Give the heap that freed Python/torch objects leave behind back to the OS (glibc keeps it
+    otherwise). After converting the embedded teacher, a driver held about 0.9 GB more RSS for the whole
+    run; with this, about 0.1 GB. A no-op where the C library has no ``malloc_trim``."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def prepare_smollm2(cache_dir: Path | None = None) -> Path:
     """Dequantise the packaged GGUF once into ``<cache>/smollm2-135m-instruct`` (safetensors)."""
     final = Path(cache_dir or default_cache_dir()) / EMBEDDED_TEACHER
@@ -114,9 +128,12 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
         model.generation_config.eos_token_id = tok.eos_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        del loaded, model
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release_freed_memory()
     return _commit_dir(tmp, final)
 
 
@@ -180,9 +197,12 @@ def truncate_layers(src: Path, keep: list[int], out: Path, vocab_size: int | Non
         tokenizer.save_pretrained(tmp)
         with open(tmp / "raykd_truncation.json", "w") as f:
             json.dump({"source": str(src), "keep_layers": list(keep), "vocab_size": vocab_size}, f)
+        del model, layers
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release_freed_memory()
     return _commit_dir(tmp, out)
 
 
