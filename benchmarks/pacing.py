@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
-from vs_trl import mean, print_table, run_measured, steady_samples_per_s  # noqa: E402
+from vs_trl import emit_result, mean, print_table, run_measured, steady_samples_per_s  # noqa: E402
 
 
 def job_config(steps: int, tiny: dict | None) -> dict:
@@ -150,9 +150,7 @@ def main(argv=None) -> int:
     result = {"setting": {"steps": args.steps, "skip_steps": args.skip_steps, "tiny": args.tiny, "modes": modes,
                           "overrides": args.overrides},
               **report(runs, modes)}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+    emit_result(result, args.json_out)
     return 0
 
 

@@ -89,18 +89,59 @@ def raykd_config(job: dict, models: dict, steps: int, seed: int, data: str, tiny
 # ---------------------------------------------------------------------------------------------
 
 
+RAY_SERVICES = "Ray services (GCS, raylet, dashboard, agents)"
+
+
+def process_role(proc, root_pid: int) -> str:
+    """What a process of a run's tree is: a Ray actor's class (its own subprocesses, such as vLLM's engine
+    core, count as the actor), idle Ray workers, Ray's own services, the driver, or the program's name."""
+    import psutil
+
+    q = proc
+    try:
+        while q is not None:
+            head = (q.cmdline() or [q.name()])[0]
+            if head.startswith("ray::"):  # Ray titles a worker ray::<Class>.<method> or ray::IDLE
+                name = head[5:].split()[0].split(".")[0]
+                if name.endswith("Agent"):  # ray::DashboardAgent, ray::RuntimeEnvAgent: Ray's own
+                    return RAY_SERVICES
+                return "idle Ray workers" if name == "IDLE" else name
+            if q.pid == root_pid:
+                break
+            q = q.parent()
+        if proc.pid == root_pid:
+            return "driver"
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "exited"
+    if "ray" in cmd:
+        return RAY_SERVICES
+    return proc.name()
+
+
 class TreeMemory:
     """Max over time of the summed RSS (every ``interval`` s) and PSS (every ``pss_every``-th sample)
-    of a process and all its descendants."""
+    of a process and all its descendants; the RSS of each ``process_role`` at the sample with the
+    largest sum; and the machine's used memory (total less available, so shared memory counts once)
+    over what it was when measuring began."""
 
     def __init__(self, pid: int, interval: float = 0.5, pss_every: int = 10):
         import psutil
 
         self.root, self.interval, self.pss_every = psutil.Process(pid), interval, pss_every
-        self.peak_rss = self.peak_pss = 0
+        self.peak_rss = self.peak_pss = self.peak_used = 0
+        self.idle_used = self._used()
+        self.roles_at_peak: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _used() -> int:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return vm.total - vm.available
 
     def _sample(self, pss: bool) -> None:
         import psutil
@@ -110,18 +151,24 @@ class TreeMemory:
         except psutil.Error:
             return
         rss = total_pss = 0
+        roles: dict[str, int] = {}
         for p in procs:
             try:
                 if pss:
                     info = p.memory_full_info()
-                    rss, total_pss = rss + info.rss, total_pss + info.pss
+                    total_pss += info.pss
                 else:
-                    rss += p.memory_info().rss
+                    info = p.memory_info()
             except psutil.Error:  # exited between the listing and the read
                 continue
-        self.peak_rss = max(self.peak_rss, rss)
+            rss += info.rss
+            role = process_role(p, self.root.pid)
+            roles[role] = roles.get(role, 0) + info.rss
+        if rss > self.peak_rss:
+            self.peak_rss, self.roles_at_peak = rss, roles
         if pss:
             self.peak_pss = max(self.peak_pss, total_pss)
+        self.peak_used = max(self.peak_used, self._used() - self.idle_used)
 
     def _loop(self) -> None:
         n = 0
@@ -133,7 +180,10 @@ class TreeMemory:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {"peak_rss_mb": self.peak_rss / 2**20, "peak_pss_mb": self.peak_pss / 2**20}
+        return {"peak_rss_mb": self.peak_rss / 2**20, "peak_pss_mb": self.peak_pss / 2**20,
+                "peak_used_over_idle_mb": self.peak_used / 2**20,
+                "rss_mb_at_peak_by_role": {k: v / 2**20 for k, v in
+                                           sorted(self.roles_at_peak.items(), key=lambda kv: -kv[1])}}
 
 
 def run_measured(cmd: list[str], log: Path, env: dict) -> dict:
@@ -312,6 +362,13 @@ def print_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
                        for _, key, spec in columns))
 
 
+def emit_result(result: dict, json_out: str | None) -> None:
+    """A benchmark's whole result: into ``json_out`` (indented) when given, and as stdout's last line."""
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
 def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -396,9 +453,7 @@ def main(argv=None) -> int:
         kl = reference.kl(r["final_model"])
         r.update(kl_teacher_student=kl["kl_teacher_student"], kl_student_teacher=kl["kl_student_teacher"])
     result = report(runs, args, initial)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+    emit_result(result, args.json_out)
     return 0 if all(math.isfinite(r["steady_samples_per_s"]) for r in runs) else 1
 
 

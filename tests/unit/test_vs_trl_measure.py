@@ -40,3 +40,9 @@ def test_tree_memory_sums_a_process_and_its_grandchild():
     # more than the grandchild's buffer: two interpreters on top of it
     assert peak["peak_rss_mb"] > mb + 5
     assert mb < peak["peak_pss_mb"] <= peak["peak_rss_mb"]
+    # by part at the peak: the root is the driver; its child and grandchild are named by their program
+    roles = peak["rss_mb_at_peak_by_role"]
+    assert roles["driver"] < mb < sum(v for k, v in roles.items() if k != "driver")
+    assert sum(roles.values()) == pytest.approx(peak["peak_rss_mb"], rel=1e-6)
+    # the machine's used memory rose by the buffer at least (this test's own process holds no more)
+    assert peak["peak_used_over_idle_mb"] > mb / 2
