@@ -46,7 +46,7 @@ def test_quickstart_benchmark_measures_each_phase_and_the_memory_of_each_part(tm
         assert roles.get("Ray services (GCS, raylet, dashboard, agents)", 0) > 50, roles
         assert sum(roles.values()) == pytest.approx(r["peak_rss_mb"], rel=1e-6)
         assert 0 < r["peak_pss_mb"] <= r["peak_rss_mb"]
-        assert r["peak_used_over_idle_mb"] > 500
+        assert r["peak_used_over_idle_mb"] > 200  # a Ray cluster and five actors at least
     shipped, variant = result["means"]["as shipped"], result["means"]["sampler.max_in_flight=1; learner.lr=0.0005"]
     ratio = result["ratio_to_shipped"]["sampler.max_in_flight=1; learner.lr=0.0005"]
     assert ratio["peak_rss_mb"] == pytest.approx(variant["peak_rss_mb"] / shipped["peak_rss_mb"])
