@@ -35,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
+from quickstart import quickstart_config  # noqa: E402
 from vs_trl import emit_result, mean, print_table, run_measured, steady_samples_per_s  # noqa: E402
 
 
-def job_config(steps: int, tiny: dict | None) -> dict:
-    """The quickstart's online phase alone; ``tiny`` (model paths) shrinks it for tests."""
-    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+def job_config(steps: int, tiny_work: Path | None) -> dict:
+    """The quickstart's online phase alone; ``tiny_work`` (a directory for the models) shrinks it for tests."""
+    cfg = quickstart_config(tiny_work)
     online = [p for p in cfg["schedule"] if p["kind"] == "online"][0]
     cfg["run"]["name"] = "pacing"
     # alone, the phase has no offline answers to reuse: the teacher generates y_t (as when measured)
@@ -48,12 +49,6 @@ def job_config(steps: int, tiny: dict | None) -> dict:
     cfg["schedule"] = [{**online, "steps": steps}]
     cfg["eval"] = {"before_after": False, "teacher": False}
     cfg["checkpoint"] = {"export_hf": False}
-    if tiny:
-        cfg["models"] = {"teacher": tiny["teacher"], "student": tiny["student"], "student_keep_layers": None}
-        cfg["data"]["num_prompts"] = 32
-        for side in ("teacher", "sampler"):
-            cfg[side]["max_new_tokens"] = 8
-            cfg[side]["engine"] = {"backend": "hf"}
     return cfg
 
 
@@ -115,13 +110,7 @@ def main(argv=None) -> int:
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    tiny = None
-    if args.tiny:
-        from kd.models import make_tiny_model
-
-        tiny = {"teacher": str(make_tiny_model(work / "tiny-teacher", 4, 0)),
-                "student": str(make_tiny_model(work / "tiny-student", 2, 1))}
-    cfg = job_config(args.steps, tiny)
+    cfg = job_config(args.steps, work if args.tiny else None)
     cfg_file = work / "job.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     try:  # a bad override or mode is refused here, before any run, with the config's own message

@@ -44,17 +44,25 @@ from vs_trl import emit_result, mean, print_table, run_measured  # noqa: E402
 SHIPPED = "as shipped"
 
 
-def tiny_config(work: Path) -> Path:
-    """The quickstart's schedule on random tiny models with HF engines and a few steps (the test's size)."""
-    from kd.models import make_tiny_model
-
+def quickstart_config(work: Path | None = None) -> dict:
+    """``configs/quickstart.yaml`` as a dict; with ``work``, shrunk to random tiny models (made there),
+    HF engines, 32 prompts and 8 new tokens (the benchmarks' tests)."""
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    cfg["models"] = {"teacher": str(make_tiny_model(work / "tiny-teacher", 4, 0)),
-                     "student": str(make_tiny_model(work / "tiny-student", 2, 1)), "student_keep_layers": None}
-    cfg["data"]["num_prompts"] = 32
-    for side in ("teacher", "sampler"):
-        cfg[side]["max_new_tokens"] = 8
-        cfg[side]["engine"] = {"backend": "hf"}
+    if work is not None:
+        from kd.models import make_tiny_model
+
+        cfg["models"] = {"teacher": str(make_tiny_model(work / "tiny-teacher", 4, 0)),
+                         "student": str(make_tiny_model(work / "tiny-student", 2, 1)), "student_keep_layers": None}
+        cfg["data"]["num_prompts"] = 32
+        for side in ("teacher", "sampler"):
+            cfg[side]["max_new_tokens"] = 8
+            cfg[side]["engine"] = {"backend": "hf"}
+    return cfg
+
+
+def tiny_config(work: Path) -> Path:
+    """The quickstart's schedule on tiny models with a few steps (the test's size), written to a file."""
+    cfg = quickstart_config(work)
     cfg["schedule"][0]["steps"], cfg["schedule"][1]["steps"] = 3, 4
     cfg["eval"].update(limit=4, max_new_tokens=8)
     path = work / "quickstart-tiny.yaml"

@@ -150,8 +150,8 @@ class TreeMemory:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
             return
-        rss = total_pss = 0
-        roles: dict[str, int] = {}
+        total_pss = 0
+        read: list[tuple] = []  # (process, its RSS)
         for p in procs:
             try:
                 if pss:
@@ -161,10 +161,13 @@ class TreeMemory:
                     info = p.memory_info()
             except psutil.Error:  # exited between the listing and the read
                 continue
-            rss += info.rss
-            role = process_role(p, self.root.pid)
-            roles[role] = roles.get(role, 0) + info.rss
-        if rss > self.peak_rss:
+            read.append((p, info.rss))
+        rss = sum(r for _, r in read)
+        if rss > self.peak_rss:  # the parts are named only at a new peak, not at every sample
+            roles: dict[str, int] = {}
+            for p, r in read:
+                role = process_role(p, self.root.pid)
+                roles[role] = roles.get(role, 0) + r
             self.peak_rss, self.roles_at_peak = rss, roles
         if pss:
             self.peak_pss = max(self.peak_pss, total_pss)

@@ -89,7 +89,7 @@ def smollm2_gguf_path() -> Path:
 def release_freed_memory() -> None:
     """Give the heap that freed Python/torch objects leave behind back to the OS (glibc keeps it
     otherwise). After converting the embedded teacher, a driver held about 0.9 GB more RSS for the whole
-    run; with this, about 0.1 GB. A no-op where the C library has no ``malloc_trim``."""
+    run; with this, about 0.2 GB. A no-op where the C library has no ``malloc_trim``."""
     import ctypes
     import gc
 
